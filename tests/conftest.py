@@ -1,0 +1,30 @@
+"""Shared pytest setup: offline Hub, quiet progress bars, and the optional real-data folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (as in CI), or wherever QDISTILL_SHARED_DATA points.
+SHARED_DATA = Path(os.environ.get("QDISTILL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real-data folder; tests that need it skip cleanly when it is absent."""
+    if not (SHARED_DATA / "cxr-paired" / "metadata.csv").is_file():
+        pytest.skip(f"real data folder not found at {SHARED_DATA} (set QDISTILL_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
