@@ -1,0 +1,338 @@
+"""Q-DISTILL configurations: the Q-Former sub-config and the teacher / student composites."""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig, PreTrainedConfig
+
+
+# CheXzero is OpenAI's CLIP ViT-B/32 fine-tuned on chest X-rays; its visual tower as a `CLIPVisionConfig`.
+CHEXZERO_VISION_CONFIG = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+}
+
+ATTENTION_MODES = ("unimodal", "bidirectional")
+QUERY_SELECTION_MODES = ("softmax", "max")
+STUDENT_TEXT_MODES = ("pseudo_report", "image_only")
+DEFAULT_TRIAGE_LABELS = {0: "non_urgent", 1: "urgent"}
+
+
+def _vision_config(vision_config):
+    """Fill a missing vision config with CheXzero's ViT-B/32 rather than CLIPVisionConfig's own defaults."""
+    if vision_config is None:
+        return CLIPVisionConfig(**CHEXZERO_VISION_CONFIG)
+    if isinstance(vision_config, dict):
+        return CLIPVisionConfig(**{**CHEXZERO_VISION_CONFIG, **vision_config})
+    return vision_config
+
+
+def _check_positive_ints(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_labels_and_alpha(config):
+    if config.focal_gamma < 0:
+        raise ValueError(f"`focal_gamma` must be >= 0, got {config.focal_gamma}.")
+    if config.focal_alpha is not None:
+        if len(config.focal_alpha) != config.num_labels:
+            raise ValueError(
+                f"`focal_alpha` has {len(config.focal_alpha)} entries but `num_labels` is {config.num_labels}: "
+                "give one weight per class (in `id2label` order) or set `focal_alpha=None`."
+            )
+        if any(a <= 0 for a in config.focal_alpha):
+            raise ValueError(f"`focal_alpha` weights must be > 0, got {list(config.focal_alpha)}.")
+    if sorted(config.id2label) != list(range(config.num_labels)):
+        raise ValueError(
+            f"`id2label` keys must be 0..{config.num_labels - 1}, got {sorted(config.id2label)}: "
+            "pass a label map with consecutive ids starting at 0."
+        )
+
+
+@strict
+class QFormerConfig(PreTrainedConfig):
+    r"""
+    Configuration of the Q-DISTILL Q-Former, a BLIP-2 style querying transformer: learnable query tokens and text
+    tokens share self-attention, only the queries cross-attend to the frozen image features, and query and text
+    positions have separate feed-forward blocks.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 10000):
+            Size of the report tokenizer's vocabulary (the model's `input_ids` must be below it).
+        hidden_size (`int`, *optional*, defaults to 768):
+            Width of the Q-Former.
+        num_hidden_layers (`int`, *optional*, defaults to 4):
+            Number of Q-Former layers.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Attention heads in self- and cross-attention; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 3072):
+            Width of the feed-forward blocks.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Feed-forward activation.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout on embeddings and residual branches.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout on attention probabilities.
+        max_position_embeddings (`int`, *optional*, defaults to 512):
+            Longest report (in tokens) the text stream accepts.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser (query tokens included).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            LayerNorm epsilon.
+        pad_token_id (`int`, *optional*, defaults to 0):
+            Id of the padding token (`[PAD]` of the report tokenizer).
+        num_query_tokens (`int`, *optional*, defaults to 12):
+            Number of learnable queries.
+        cross_attention_frequency (`int`, *optional*, defaults to 1):
+            A layer cross-attends to the image when `layer_index % cross_attention_frequency == 0` (1 = every layer,
+            as in the original Q-DISTILL; BLIP-2 uses 2).
+        encoder_hidden_size (`int`, *optional*, defaults to 768):
+            Width of the image features. Derived from the parent's vision config; never set it by hand.
+        use_text_input (`bool`, *optional*, defaults to `True`):
+            Whether the Q-Former has a text stream (word embeddings and text feed-forward blocks).
+
+    Example:
+
+    ```python
+    >>> from qdistill_hf import QFormerConfig
+    >>> QFormerConfig(hidden_size=384, num_attention_heads=6).num_query_tokens
+    12
+    ```
+    """
+
+    model_type = "qdistill_qformer"
+    base_config_key = "qformer_config"
+
+    vocab_size: int = 10000
+    hidden_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    pad_token_id: int | None = 0
+    num_query_tokens: int = 12
+    cross_attention_frequency: int = 1
+    encoder_hidden_size: int = 768
+    use_text_input: bool = True
+
+    def validate_architecture(self):
+        """Checks run when the config is built (part of `@strict` validation)."""
+        _check_positive_ints(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_query_tokens",
+            "cross_attention_frequency",
+            "encoder_hidden_size",
+        )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}); e.g. use num_attention_heads={math.gcd(self.hidden_size, 64) or 1} "
+                "or change hidden_size."
+            )
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size}); "
+                "set it to the tokenizer's pad id."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+
+
+@strict
+class QDistillTeacherConfig(PreTrainedConfig):
+    r"""
+    Configuration of the multimodal Q-DISTILL teacher: a frozen CheXzero `CLIPVisionModel`, a Q-Former whose text
+    stream encodes the radiology report, and ITC / ITM / focal classification losses.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The frozen image encoder. Defaults to CheXzero's ViT-B/32 (224 px, patch 32, 768 wide, 12 layers,
+            12 heads, QuickGELU, projection 512).
+        qformer_config (`dict` or `QFormerConfig`, *optional*):
+            The Q-Former. Defaults to the original's effective teacher: 12 queries, 4 layers, 12 heads, 768 wide.
+            Its `encoder_hidden_size` is always taken from `vision_config.hidden_size`.
+        embed_dim (`int`, *optional*, defaults to 256):
+            Size of the normalised image / text embeddings compared by ITC.
+        itc_loss_weight (`float`, *optional*, defaults to 0.45):
+            Weight of the image-text contrastive loss (the original's 0.45).
+        itm_loss_weight (`float`, *optional*, defaults to 0.45):
+            Weight of the image-text matching loss (the original's 0.45).
+        cls_loss_weight (`float`, *optional*, defaults to 0.1):
+            Weight of the focal classification loss (the original's 0.1).
+        focal_gamma (`float`, *optional*, defaults to 2.0):
+            Focal-loss focusing parameter (0 gives cross-entropy).
+        focal_alpha (`list[float]`, *optional*):
+            Per-class weights, one per label in `id2label` order (the original uses inverse class frequency).
+        temperature_init (`float`, *optional*, defaults to 0.07):
+            Initial ITC temperature. It is learned and stored as `logit_scale = log(1 / temperature)`, clamped
+            at `log(100)` as in CLIP.
+        learnable_temperature (`bool`, *optional*, defaults to `True`):
+            Whether `logit_scale` is trained (the original kept 0.07 fixed).
+        query_selection (`str`, *optional*, defaults to `"softmax"`):
+            How the per-query similarities of an image-text pair become one ITC similarity: `"softmax"`
+            (softmax-weighted mix of the normalised queries with temperature `query_selection_temperature`, as in
+            the original, but computed per pair so the positive report never leaks into the image embedding) or
+            `"max"` (the best query, as in BLIP-2).
+        query_selection_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the `"softmax"` query selection.
+        itm_hard_negatives (`bool`, *optional*, defaults to `True`):
+            Train ITM on ITC-similarity-weighted hard negatives (one negative report per image and one negative
+            image per report). The original trained ITM on positive pairs only, which teaches nothing; setting this
+            to `False` disables the ITM loss rather than reproducing that.
+        freeze_vision_encoder (`bool`, *optional*, defaults to `True`):
+            Keep the vision encoder frozen (no gradients, always in eval mode).
+        classifier_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout before the classification head.
+
+    Example:
+
+    ```python
+    >>> from qdistill_hf import QDistillTeacherConfig
+    >>> config = QDistillTeacherConfig()
+    >>> config.qformer_config.encoder_hidden_size, config.vision_config.patch_size
+    (768, 32)
+    ```
+    """
+
+    model_type = "qdistill_teacher"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig, "qformer_config": QFormerConfig}
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    embed_dim: int = 256
+    itc_loss_weight: float | int = 0.45
+    itm_loss_weight: float | int = 0.45
+    cls_loss_weight: float | int = 0.1
+    focal_gamma: float | int = 2.0
+    focal_alpha: list[float] | None = None
+    temperature_init: float = 0.07
+    learnable_temperature: bool = True
+    query_selection: str = "softmax"
+    query_selection_temperature: float = 0.1
+    itm_hard_negatives: bool = True
+    freeze_vision_encoder: bool = True
+    classifier_dropout: float | int = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.vision_config = _vision_config(self.vision_config)
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = dict(DEFAULT_TRIAGE_LABELS)
+        super().__post_init__(**kwargs)
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {name: idx for idx, name in self.id2label.items()}
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+
+    def validate_architecture(self):
+        """Checks run when the config is built (part of `@strict` validation)."""
+        _check_positive_ints(self, "embed_dim")
+        self.qformer_config.validate_architecture()
+        if not self.qformer_config.use_text_input:
+            raise ValueError("The teacher reads reports: `qformer_config.use_text_input` must be True.")
+        if self.query_selection not in QUERY_SELECTION_MODES:
+            raise ValueError(f"`query_selection` must be one of {QUERY_SELECTION_MODES}, got {self.query_selection!r}.")
+        if self.query_selection_temperature <= 0 or self.temperature_init <= 0:
+            raise ValueError("`query_selection_temperature` and `temperature_init` must be > 0.")
+        if self.temperature_init < 0.01:
+            raise ValueError(
+                f"`temperature_init` ({self.temperature_init}) is below the logit-scale bound 1/100; use >= 0.01."
+            )
+        for name in ("itc_loss_weight", "itm_loss_weight", "cls_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        _check_labels_and_alpha(self)
+
+
+@strict
+class QDistillStudentConfig(PreTrainedConfig):
+    r"""
+    Configuration of the lightweight Q-DISTILL student: the same frozen vision encoder, a small Q-Former that reads
+    either a generated pseudo-report or no text at all, a triage classifier and a projection into the teacher's
+    query space for distillation.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The frozen image encoder; defaults to CheXzero's ViT-B/32 (must match the teacher's for distillation).
+        qformer_config (`dict` or `QFormerConfig`, *optional*):
+            The student Q-Former. Defaults to 8 queries, 2 layers, 6 heads, 384 wide, intermediate 1536 (the
+            original's student was as large as its teacher).
+        text_mode (`str`, *optional*, defaults to `"pseudo_report"`):
+            `"pseudo_report"`: queries and pseudo-report tokens attend to each other (bidirectional).
+            `"image_only"`: no text at all; the Q-Former has no text stream, so the film can be triaged before any
+            report exists.
+        teacher_hidden_size (`int`, *optional*, defaults to 768):
+            Width of the teacher's Q-Former; `projection` maps the pooled student queries into that space.
+        focal_gamma (`float`, *optional*, defaults to 2.0):
+            Focal-loss focusing parameter of the supervised loss.
+        focal_alpha (`list[float]`, *optional*):
+            Per-class weights of the supervised loss.
+        freeze_vision_encoder (`bool`, *optional*, defaults to `True`):
+            Keep the vision encoder frozen.
+        classifier_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout before the classification head.
+    """
+
+    model_type = "qdistill_student"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig, "qformer_config": QFormerConfig}
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_mode: str = "pseudo_report"
+    teacher_hidden_size: int = 768
+    focal_gamma: float | int = 2.0
+    focal_alpha: list[float] | None = None
+    freeze_vision_encoder: bool = True
+    classifier_dropout: float | int = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.vision_config = _vision_config(self.vision_config)
+        if self.qformer_config is None:
+            self.qformer_config = {
+                "hidden_size": 384,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 6,
+                "intermediate_size": 1536,
+                "num_query_tokens": 8,
+            }
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = dict(DEFAULT_TRIAGE_LABELS)
+        super().__post_init__(**kwargs)
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {name: idx for idx, name in self.id2label.items()}
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.qformer_config.use_text_input = self.text_mode == "pseudo_report"
+
+    def validate_architecture(self):
+        """Checks run when the config is built (part of `@strict` validation)."""
+        if self.text_mode not in STUDENT_TEXT_MODES:
+            raise ValueError(f"`text_mode` must be one of {STUDENT_TEXT_MODES}, got {self.text_mode!r}.")
+        _check_positive_ints(self, "teacher_hidden_size")
+        self.qformer_config.validate_architecture()
+        _check_labels_and_alpha(self)
+
+
+__all__ = ["QFormerConfig", "QDistillTeacherConfig", "QDistillStudentConfig", "CHEXZERO_VISION_CONFIG"]
