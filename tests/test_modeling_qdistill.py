@@ -1,0 +1,236 @@
+import pytest
+import torch
+
+from qdistill_hf import (
+    QDistillQFormerModel,
+    QDistillStudentConfig,
+    QDistillStudentModel,
+    QDistillTeacherConfig,
+    QDistillTeacherModel,
+)
+from tiny_models import NUM_IMAGE_TOKENS, report_batch, student_config, teacher_config
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.fixture
+def teacher():
+    torch.manual_seed(0)
+    return QDistillTeacherModel(teacher_config())
+
+
+class TestTeacher:
+    def test_shapes_with_pixels_report_labels_and_losses(self, teacher):
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        out = teacher(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+            return_loss=True, generator=torch.Generator().manual_seed(0),
+        )
+        assert out.image_features.shape == (4, NUM_IMAGE_TOKENS, 32)
+        assert out.query_output_unimodal.shape == out.query_output_bidirectional.shape == (4, 4, 32)
+        assert out.image_embeds.shape == (4, 4, 16) and out.text_embeds.shape == (4, 16)
+        assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(4, 4), atol=1e-5)
+        assert out.text_output.shape == (4, 6, 32)
+        assert out.logits.shape == (4, 2) and out.logits_per_image.shape == (4, 4)
+        assert torch.equal(out.logits_per_text, out.logits_per_image.t())
+        # Reports 0 and 2 are identical, so every image and every report still has a hard negative: 4 + 4 + 4 pairs.
+        assert out.itm_logits.shape == (12, 2) and out.itm_labels.tolist() == [1] * 4 + [0] * 8
+        for part in (out.loss_itc, out.loss_itm, out.loss_cls):
+            assert part.ndim == 0 and torch.isfinite(part)
+        expected = 0.45 * out.loss_itc + 0.45 * out.loss_itm + 0.1 * out.loss_cls
+        assert torch.allclose(out.loss, expected)
+
+    def test_cached_features_give_the_same_outputs_as_pixels(self, teacher):
+        teacher.eval()
+        pixel_values, input_ids, attention_mask, _ = report_batch()
+        from_pixels = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        features = teacher.vision_model(pixel_values=pixel_values).last_hidden_state
+        from_cache = teacher(image_features=features, input_ids=input_ids, attention_mask=attention_mask)
+        assert torch.allclose(from_pixels.logits, from_cache.logits, atol=1e-6)
+        assert from_pixels.loss is None and from_pixels.itm_logits.shape == (4, 2)
+
+    def test_image_only_call_returns_queries_and_no_text_outputs(self, teacher):
+        out = teacher(image_features=torch.randn(3, NUM_IMAGE_TOKENS, 32))
+        assert out.query_output_unimodal.shape == (3, 4, 32)
+        assert out.logits is None and out.text_embeds is None and out.loss is None
+        with pytest.raises(ValueError, match="losses need the report"):
+            teacher(image_features=torch.randn(3, NUM_IMAGE_TOKENS, 32), labels=torch.tensor([0, 1, 0]))
+
+    def test_padding_does_not_change_outputs(self, teacher):
+        teacher.eval()
+        features = torch.randn(2, NUM_IMAGE_TOKENS, 32, generator=torch.Generator().manual_seed(1))
+        ids = torch.tensor([[2, 11, 12, 3], [2, 21, 3, 0]])
+        padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+        short = teacher(image_features=features, input_ids=ids, attention_mask=(ids != 0).long())
+        long = teacher(image_features=features, input_ids=padded, attention_mask=(padded != 0).long())
+        assert torch.allclose(short.logits, long.logits, atol=1e-5)
+        assert torch.allclose(short.text_embeds, long.text_embeds, atol=1e-5)
+        assert torch.allclose(short.query_output_bidirectional, long.query_output_bidirectional, atol=1e-5)
+
+    def test_unimodal_mask_equals_independent_passes(self, teacher):
+        teacher.eval()
+        qformer = teacher.qformer
+        features = torch.randn(2, NUM_IMAGE_TOKENS, 32)
+        queries = teacher.query_tokens.expand(2, -1, -1)
+        ids = torch.tensor([[2, 11, 12, 3], [2, 21, 3, 0]])
+        mask = (ids != 0).long()
+        joint = qformer(query_embeds=queries, input_ids=ids, attention_mask=mask, encoder_hidden_states=features,
+                        attention_mode="unimodal")
+        alone_q = qformer(query_embeds=queries, encoder_hidden_states=features).query_output
+        alone_t = qformer(input_ids=ids, attention_mask=mask).text_output
+        assert torch.allclose(joint.query_output, alone_q, atol=1e-5)
+        assert torch.allclose(joint.text_output[0], alone_t[0], atol=1e-5)
+        assert torch.allclose(joint.text_output[1, :3], alone_t[1, :3], atol=1e-5)
+        bidirectional = qformer(query_embeds=queries, input_ids=ids, attention_mask=mask, encoder_hidden_states=features)
+        assert not torch.allclose(bidirectional.query_output, alone_q, atol=1e-3)
+
+    def test_itm_is_skipped_not_trained_on_positives_when_no_negative_exists(self, teacher):
+        features = torch.randn(3, NUM_IMAGE_TOKENS, 32)
+        same = torch.tensor([[2, 11, 3]] * 3)
+        out = teacher(image_features=features, input_ids=same, return_loss=True)
+        assert out.loss_itm is None and out.itm_logits.shape == (3, 2)
+        assert torch.allclose(out.loss, 0.45 * out.loss_itc)
+        single = teacher(image_features=features[:1], input_ids=same[:1], labels=torch.tensor([1]), return_loss=True)
+        assert single.loss_itc is None and single.loss_itm is None
+        assert torch.allclose(single.loss, 0.1 * single.loss_cls)
+
+    def test_gradients_reach_queries_and_heads_never_the_frozen_encoder(self, teacher, tmp_path):
+        def check(model):
+            model.train()
+            assert not model.vision_model.training
+            model.zero_grad()
+            pixel_values, input_ids, attention_mask, labels = report_batch()
+            model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                  return_loss=True).loss.backward()
+            for name in ("query_tokens", "logit_scale", "itm_head.weight", "classifier.weight",
+                         "vision_projection.weight", "text_projection.weight", "qformer.word_embeddings.weight"):
+                grad = model.get_parameter(name).grad
+                assert grad is not None and grad.abs().sum() > 0, name
+            assert all(p.grad is None and not p.requires_grad for p in model.vision_model.parameters())
+
+        check(teacher)
+        teacher.save_pretrained(tmp_path)
+        check(QDistillTeacherModel.from_pretrained(tmp_path))
+
+    def test_unfreezing_the_encoder(self):
+        model = QDistillTeacherModel(teacher_config(freeze_vision_encoder=False))
+        model.train()
+        assert model.vision_model.training and all(p.requires_grad for p in model.vision_model.parameters())
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        model(pixel_values=pixel_values, input_ids=input_ids, labels=labels).loss.backward()
+        assert model.vision_model.embeddings.patch_embedding.weight.grad is not None
+
+    def test_save_and_load_give_identical_outputs(self, teacher, tmp_path):
+        teacher.save_pretrained(tmp_path)
+        loaded = QDistillTeacherModel.from_pretrained(tmp_path)
+        teacher.eval()
+        pixel_values, input_ids, attention_mask, _ = report_batch()
+        with torch.no_grad():
+            a = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+            b = loaded(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        for name in ("logits", "logits_per_image", "itm_logits", "image_embeds", "text_embeds"):
+            assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+    def test_eval_is_deterministic_and_tuple_output_matches(self, teacher):
+        teacher.eval()
+        pixel_values, input_ids, attention_mask, _ = report_batch()
+        a = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        b = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_dict=False)
+        assert isinstance(b, tuple) and torch.equal(a.logits, b[0])
+
+    def test_gradient_checkpointing_gives_the_same_loss(self, teacher):
+        teacher.eval()  # no dropout, so both passes see the same function
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        plain = teacher(**kwargs).loss
+        teacher.gradient_checkpointing_enable()
+        teacher.qformer.encoder.training = True  # checkpointing is active in training mode only
+        checkpointed = teacher(**kwargs).loss
+        checkpointed.backward()
+        assert torch.allclose(plain, checkpointed) and teacher.query_tokens.grad is not None
+
+    def test_bad_inputs_raise_clear_errors(self, teacher):
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_features`"):
+            teacher(pixel_values=pixel_values, image_features=torch.randn(4, NUM_IMAGE_TOKENS, 32))
+        with pytest.raises(ValueError, match=r"image_features must have shape \(batch_size, tokens, 32\)"):
+            teacher(image_features=torch.randn(4, NUM_IMAGE_TOKENS, 31))
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 99\)"):
+            teacher(pixel_values=pixel_values, input_ids=input_ids + 95)
+        with pytest.raises(ValueError, match="at most max_position_embeddings=40"):
+            teacher(pixel_values=pixel_values[:1], input_ids=torch.ones(1, 41, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 2\)"):
+            teacher(pixel_values=pixel_values, input_ids=input_ids, labels=torch.tensor([0, 1, -1, 0]))
+        with pytest.raises(ValueError, match="input_ids has batch size 2 but the images have 4"):
+            teacher(pixel_values=pixel_values, input_ids=input_ids[:2])
+
+    def test_non_finite_loss_raises(self, teacher):
+        with torch.no_grad():
+            teacher.classifier.weight.fill_(float("inf"))
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        with pytest.raises(FloatingPointError, match="Non-finite loss"):
+            teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def test_logit_scale_has_one_named_bound(self, teacher):
+        with torch.no_grad():
+            teacher.logit_scale.fill_(10.0)
+        teacher.clamp_logit_scale()
+        assert teacher.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+        assert QDistillTeacherModel(teacher_config(learnable_temperature=False)).logit_scale.requires_grad is False
+
+    def test_query_tokens_are_initialised_randomly(self, teacher):
+        assert teacher.query_tokens.std() > 0.005
+        assert teacher.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item(), abs=1e-6)
+
+
+class TestStudent:
+    @pytest.mark.parametrize("text_mode", ["pseudo_report", "image_only"])
+    def test_shapes_and_loss(self, text_mode):
+        model = QDistillStudentModel(student_config(text_mode=text_mode))
+        pixel_values, input_ids, attention_mask, labels = report_batch()
+        text = dict(input_ids=input_ids, attention_mask=attention_mask) if text_mode == "pseudo_report" else {}
+        out = model(pixel_values=pixel_values, labels=labels, **text)
+        assert out.logits.shape == (4, 2) and out.pooled_output.shape == (4, 16)
+        assert out.projected_output.shape == (4, 32) and out.query_output.shape == (4, 3, 16)
+        assert out.loss.ndim == 0
+        out.loss.backward()
+        assert model.query_tokens.grad is not None and model.classifier.weight.grad is not None
+        assert all(p.grad is None for p in model.vision_model.parameters())
+        assert (model.qformer.word_embeddings is None) == (text_mode == "image_only")
+
+    def test_text_mode_contract(self):
+        pixel_values, input_ids, _, _ = report_batch()
+        with pytest.raises(ValueError, match="is `image_only`: it takes no `input_ids`"):
+            QDistillStudentModel(student_config(text_mode="image_only"))(pixel_values=pixel_values, input_ids=input_ids)
+        with pytest.raises(ValueError, match="pass `input_ids` of the generated report"):
+            QDistillStudentModel(student_config())(pixel_values=pixel_values)
+
+    def test_save_and_load_round_trip_keeps_encoder_frozen(self, tmp_path):
+        model = QDistillStudentModel(student_config(text_mode="image_only")).eval()
+        model.save_pretrained(tmp_path)
+        loaded = QDistillStudentModel.from_pretrained(tmp_path)
+        assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+        pixel_values = report_batch()[0]
+        with torch.no_grad():
+            assert torch.allclose(model(pixel_values=pixel_values).logits, loaded(pixel_values=pixel_values).logits)
+
+
+def test_default_student_is_at_least_four_times_smaller_than_the_teacher():
+    with torch.device("meta"):
+        teacher = QDistillTeacherModel(QDistillTeacherConfig())
+        student = QDistillStudentModel(QDistillStudentConfig())
+        image_only = QDistillStudentModel(QDistillStudentConfig(text_mode="image_only"))
+    assert trainable(teacher) >= 4 * trainable(student)
+    assert trainable(student) > trainable(image_only)
+    frozen = sum(p.numel() for p in teacher.vision_model.parameters())
+    assert frozen == sum(p.numel() for p in student.vision_model.parameters()) and trainable(teacher.vision_model) == 0
+
+
+def test_bare_qformer_needs_some_input():
+    model = QDistillQFormerModel(teacher_config().qformer_config)
+    with pytest.raises(ValueError, match="needs `query_embeds`, `input_ids` or both"):
+        model()
+    with pytest.raises(ValueError, match="Unknown attention mode"):
+        model(input_ids=torch.tensor([[2, 3]]), attention_mode="causal")
