@@ -1,0 +1,388 @@
+"""Image processor and processor (image processor + report tokenizer) for Q-DISTILL chest X-ray triage."""
+
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+
+
+logger = logging.getLogger(__name__)
+
+# CheXzero (rajpurkarlab/CheXzero, zero_shot.py) normalises raw 0-255 grey values with these constants.
+CHEXZERO_MEAN = 101.48761
+CHEXZERO_STD = 83.43944
+
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+_UINT16_MAX = 65535
+
+
+class QDistillImageProcessorKwargs(ImagesKwargs, total=False):
+    """Keyword arguments of [`QDistillImageProcessor`] on top of the standard `ImagesKwargs`.
+
+    Attributes:
+        resize_mode (`str`): `"pad"` (keep aspect ratio, zero-pad to the target size) or `"squash"`.
+        high_bit_depth_scaling (`str`): how 16-bit films become 8-bit: `"min_max"` or `"full_range"`.
+    """
+
+    resize_mode: Literal["pad", "squash"]
+    high_bit_depth_scaling: Literal["min_max", "full_range"]
+
+
+def _image_name(image: Image.Image) -> str:
+    filename = getattr(image, "filename", "") or ""
+    return f" (file {filename!r})" if filename else ""
+
+
+def scale_high_bit_depth(array: np.ndarray, scaling: str, name: str = "") -> np.ndarray:
+    """Map a 16-bit (or 32-bit integer holding 16-bit data) grey image to `uint8`.
+
+    Args:
+        array (`np.ndarray`): integer grey image of shape `(H, W)` (or `(H, W, 1)`), values in `[0, 65535]`.
+        scaling (`str`):
+            - `"min_max"`: `round((v - min) * 255 / (max - min))` per image. Right for films that store 10-, 12- or
+              14-bit detector data in a 16-bit container, which `"full_range"` would turn almost black.
+            - `"full_range"`: `round(v * 255 / 65535)`, a fixed map of the whole 16-bit range (no per-image statistics).
+        name (`str`, *optional*): text naming the image, used in error messages.
+
+    Returns:
+        `np.ndarray` of dtype `uint8` and the same shape.
+
+    Raises:
+        ValueError: if a value lies outside `[0, 65535]` or `scaling` is unknown.
+    """
+    values = array.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > _UINT16_MAX:
+        raise ValueError(
+            f"16-bit image{name} has values in [{low:g}, {high:g}], outside [0, {_UINT16_MAX}]; "
+            "convert it to 8-bit yourself."
+        )
+    if scaling == "full_range":
+        scaled = values * 255.0 / _UINT16_MAX
+    elif scaling == "min_max":
+        if high == low:
+            logger.warning("16-bit image%s is constant (value %g); min-max scaling maps it to 0.", name, low)
+            scaled = np.zeros_like(values)
+        else:
+            scaled = (values - low) * 255.0 / (high - low)
+    else:
+        raise ValueError(f"high_bit_depth_scaling must be 'min_max' or 'full_range', got {scaling!r}.")
+    return np.rint(scaled).astype(np.uint8)
+
+
+class QDistillImageProcessor(CLIPImageProcessorPil):
+    r"""
+    Chest X-ray image processor for the frozen CheXzero (CLIP ViT-B/32) encoder, on the PIL backend.
+
+    Pipeline: convert to 8-bit RGB (grey films are repeated to 3 channels), resize to 224x224 according to
+    `resize_mode`, rescale to [0, 1], normalise, and return `pixel_values` of shape `(batch, 3, 224, 224)`, float32.
+    There is no horizontal flip or any other augmentation: flipping a chest film swaps its laterality (heart side,
+    left-sided devices) and contradicts the report read with it.
+
+    Resize modes:
+        - `"pad"` (default): scale so the longer side fits 224 keeping the aspect ratio, then zero-pad (black,
+          before normalisation) to 224x224 with the content centred; an odd pad leaves the extra row/column at the
+          bottom/right. This follows CheXzero's own pipeline, and squashing a non-square film distorts the
+          cardiothoracic ratio the triage labels depend on.
+        - `"squash"`: plain non-aspect-preserving resize to 224x224, which reproduces the original Q-DISTILL.
+
+    Normalisation defaults to the OpenAI-CLIP mean/std on [0, 1] values, as the original Q-DISTILL does. CheXzero's
+    own pipeline instead keeps raw 0-255 values and normalises them with mean 101.48761 and std 83.43944 on every
+    channel; [`QDistillImageProcessor.chexzero_preset`] builds that configuration explicitly (it resizes once, straight
+    to 224, where CheXzero pads at 320 and then resizes, so values differ by resampling rounding).
+
+    16-bit films (PIL modes `I;16*`, or `I` holding values in [0, 65535], or `uint16` arrays) are mapped to 8-bit
+    explicitly by `high_bit_depth_scaling` (see [`scale_high_bit_depth`]), because PIL's own conversion saturates
+    every value above 255 to white. Float PIL images (mode `F`) and other exotic modes are rejected.
+
+    Args:
+        resize_mode (`str`, *optional*, defaults to `"pad"`): `"pad"` or `"squash"`, see above.
+        high_bit_depth_scaling (`str`, *optional*, defaults to `"min_max"`): `"min_max"` or `"full_range"`.
+        kwargs: any `CLIPImageProcessorPil` argument (`size`, `resample`, `image_mean`, `image_std`, `do_rescale`, ...).
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> processor = QDistillImageProcessor()
+    >>> processor(Image.new("L", (64, 48)))["pixel_values"].shape
+    torch.Size([1, 3, 224, 224])
+    ```
+    """
+
+    valid_kwargs = QDistillImageProcessorKwargs
+    size = {"height": 224, "width": 224}
+    default_to_square = True
+    crop_size = None
+    do_center_crop = False
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    do_convert_rgb = True
+    return_tensors = "pt"
+    resize_mode = "pad"
+    high_bit_depth_scaling = "min_max"
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.resize_mode not in ("pad", "squash"):
+            raise ValueError(f"resize_mode must be 'pad' or 'squash', got {self.resize_mode!r}.")
+        if self.high_bit_depth_scaling not in ("min_max", "full_range"):
+            raise ValueError(
+                f"high_bit_depth_scaling must be 'min_max' or 'full_range', got {self.high_bit_depth_scaling!r}."
+            )
+
+    @classmethod
+    def chexzero_preset(cls, **kwargs) -> "QDistillImageProcessor":
+        """Build the processor with CheXzero's own normalisation: raw 0-255 values, mean 101.48761, std 83.43944.
+
+        Args:
+            kwargs: overrides passed to the constructor (e.g. `resize_mode="squash"`).
+
+        Returns:
+            [`QDistillImageProcessor`] with `do_rescale=False`, `image_mean=[101.48761]*3`, `image_std=[83.43944]*3`
+            and `resize_mode="pad"` unless overridden.
+        """
+        settings = {
+            "resize_mode": "pad",
+            "do_rescale": False,
+            "image_mean": [CHEXZERO_MEAN] * 3,
+            "image_std": [CHEXZERO_STD] * 3,
+        }
+        settings.update(kwargs)
+        return cls(**settings)
+
+    def _to_eight_bit(self, image, high_bit_depth_scaling: str):
+        if isinstance(image, Image.Image):
+            name = _image_name(image)
+            if image.mode in _HIGH_BIT_DEPTH_MODES:
+                grey = scale_high_bit_depth(np.asarray(image), high_bit_depth_scaling, name)
+                return Image.fromarray(grey, mode="L")
+            if image.mode not in _CONVERTIBLE_MODES:
+                raise ValueError(
+                    f"Unsupported PIL image mode {image.mode!r}{name}; expected one of "
+                    f"{list(_CONVERTIBLE_MODES + _HIGH_BIT_DEPTH_MODES)}."
+                )
+            return image
+        if isinstance(image, np.ndarray):
+            if image.dtype == np.uint16:
+                return scale_high_bit_depth(image, high_bit_depth_scaling)
+            return image
+        if type(image).__module__.startswith("torch"):
+            return image
+        raise ValueError(
+            f"QDistillImageProcessor expects PIL images, numpy arrays or torch tensors, got {type(image).__name__}."
+        )
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs):
+        """Convert one raw image to a channels-first `uint8` (or float) array, scaling 16-bit films to 8-bit first."""
+        scaling = kwargs.get("high_bit_depth_scaling") or self.high_bit_depth_scaling
+        image = self._to_eight_bit(image, scaling)
+        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        for index, image in enumerate(batch):
+            if isinstance(image, (list, tuple)):
+                continue
+            if not (isinstance(image, (Image.Image, np.ndarray)) or type(image).__module__.startswith("torch")):
+                raise ValueError(
+                    f"Image {index} of the batch is a {type(image).__name__}, not a PIL image, numpy array or torch "
+                    "tensor; open files yourself (PIL.Image.open) so errors name the file."
+                )
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
+    def resize_to_target(self, image: np.ndarray, size: SizeDict, resample, resize_mode: str) -> np.ndarray:
+        """Resize a channels-first image to `size` by letterboxing (`"pad"`) or squashing (`"squash"`).
+
+        Args:
+            image (`np.ndarray`): `(C, H, W)` image.
+            size (`SizeDict`): target with `height` and `width`.
+            resample (`PILImageResampling`): resampling filter.
+            resize_mode (`str`): `"pad"` or `"squash"`.
+
+        Returns:
+            `np.ndarray` of shape `(C, size.height, size.width)`.
+        """
+        if not (size.height and size.width):
+            raise ValueError(f"QDistillImageProcessor needs size={{'height': H, 'width': W}}, got {dict(size)}.")
+        if resize_mode == "squash":
+            return self.resize(image, size=size, resample=resample)
+        if resize_mode != "pad":
+            raise ValueError(f"resize_mode must be 'pad' or 'squash', got {resize_mode!r}.")
+        channels, height, width = image.shape
+        scale = min(size.height / height, size.width / width)
+        new_height = max(1, round(height * scale))
+        new_width = max(1, round(width * scale))
+        resized = self.resize(image, size=SizeDict(height=new_height, width=new_width), resample=resample)
+        canvas = np.zeros((channels, size.height, size.width), dtype=resized.dtype)
+        top = (size.height - new_height) // 2
+        left = (size.width - new_width) // 2
+        canvas[:, top : top + new_height, left : left + new_width] = resized
+        return canvas
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: SizeDict,
+        resample,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        do_pad: bool | None,
+        pad_size: SizeDict | None,
+        return_tensors,
+        resize_mode: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        resize_mode = resize_mode or self.resize_mode
+        processed_images = []
+        for image in images:
+            if do_resize:
+                image = self.resize_to_target(image, size=size, resample=resample, resize_mode=resize_mode)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            processed_images.append(image.astype(np.float32))
+        if do_pad:
+            processed_images = self.pad(processed_images, pad_size=pad_size)
+        return BatchFeature(data={"pixel_values": processed_images}, tensor_type=return_tensors)
+
+
+class QDistillProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`QDistillImageProcessor`] and the report tokenizer (a `PreTrainedTokenizerFast` built by
+    `train_report_tokenizer`) into one processor that saves and loads with `save_pretrained`/`from_pretrained`.
+
+    Args:
+        image_processor ([`QDistillImageProcessor`]): the image processor.
+        tokenizer (`PreTrainedTokenizerBase`): the report tokenizer (`[PAD]`=0, texts wrapped as `[CLS] ... [SEP]`).
+
+    Example:
+
+    ```python
+    >>> processor = QDistillProcessor(image_processor=QDistillImageProcessor(), tokenizer=tokenizer)
+    >>> batch = processor(images=[film], text=["No acute cardiopulmonary process."])
+    >>> sorted(batch.keys())
+    ['attention_mask', 'input_ids', 'pixel_values']
+    ```
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "QDistillProcessor":
+        """Load a saved processor; registers the Auto classes first, since sub-processors load through them."""
+        register_processing_auto_classes()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        padding: bool | str = "longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **images_kwargs,
+    ) -> BatchFeature:
+        """Process films and/or reports into model inputs.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): chest films.
+            text (`str` or `list[str]`, *optional*): reports (or pseudo-reports).
+            padding (`bool` or `str`, *optional*, defaults to `"longest"`): tokenizer padding; the default pads to
+                the longest report in the batch, never to a fixed length.
+            truncation (`bool`, *optional*, defaults to `True`): truncate to `max_length`.
+            max_length (`int`, *optional*): defaults to the tokenizer's `model_max_length`.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): tensor type.
+            images_kwargs: overrides for the image processor (e.g. `resize_mode="squash"`).
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` (`(B, 3, 224, 224)`, float32) when images are given and
+            `input_ids`/`attention_mask` (`(B, T)`) when text is given.
+        """
+        if images is None and text is None:
+            raise ValueError("QDistillProcessor needs `images`, `text` or both; got neither.")
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else text
+            if not isinstance(texts, (list, tuple)):
+                raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+            for index, item in enumerate(texts):
+                if not isinstance(item, str):
+                    raise ValueError(f"`text[{index}]` must be a string, got {type(item).__name__}.")
+            encoded = self.tokenizer(
+                list(texts),
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                return_tensors=return_tensors,
+                return_token_type_ids=False,
+            )
+            data.update(encoded)
+        if images is not None:
+            pixel_values = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]
+            data["pixel_values"] = pixel_values
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        """Forward to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        """Forward to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+_AUTO_REGISTRATION_KEY = "qdistill"
+
+
+def register_processing_auto_classes(config_classes: Iterable[type] = ()) -> None:
+    """Register [`QDistillImageProcessor`] with `AutoImageProcessor` and [`QDistillProcessor`] with `AutoProcessor`.
+
+    Saved folders name their classes (`image_processor_type`, `processor_class`), and the Auto classes resolve such
+    names through their registered extra content. The classes are therefore always registered under the key
+    `"qdistill"`, which makes `AutoImageProcessor.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)`
+    work on any folder saved by these classes; passing the model config classes also registers them for folders
+    that only carry a `config.json`. Calling this twice is harmless.
+
+    Args:
+        config_classes (`Iterable[type]`, *optional*): model config classes (teacher, student) to map to these classes.
+    """
+    keys = [_AUTO_REGISTRATION_KEY, *config_classes]
+    for key in keys:
+        AutoImageProcessor.register(key, image_processor_classes={"pil": QDistillImageProcessor}, exist_ok=True)
+        AutoProcessor.register(key, QDistillProcessor, exist_ok=True)
+
+
+__all__ = [
+    "CHEXZERO_MEAN",
+    "CHEXZERO_STD",
+    "QDistillImageProcessor",
+    "QDistillImageProcessorKwargs",
+    "QDistillProcessor",
+    "register_processing_auto_classes",
+    "scale_high_bit_depth",
+]

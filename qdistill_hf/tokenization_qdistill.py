@@ -1,0 +1,190 @@
+"""Train the radiology-report tokenizer (WordPiece or BPE) used by the Q-DISTILL Q-Former text stream."""
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+logger = logging.getLogger(__name__)
+
+# Fixed ids: the model configs default to pad_token_id=0, and position 0 of every sequence is [CLS].
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_TOKEN_ID, UNK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, MASK_TOKEN_ID = range(len(SPECIAL_TOKENS))
+_ALGORITHMS = ("wordpiece", "bpe")
+_SUBWORD_PREFIX = "##"
+
+
+def _report_normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+
+
+def train_report_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 8000,
+    algorithm: str = "wordpiece",
+    model_max_length: int = 256,
+    min_frequency: int = 2,
+) -> PreTrainedTokenizerFast:
+    """Train a report tokenizer from scratch with the `tokenizers` library.
+
+    The tokenizer lower-cases and strips accents (NFD + Lowercase + StripAccents), splits on whitespace and
+    punctuation (BERT pre-tokenizer), learns a WordPiece (or BPE, with `##` continuation prefixes) vocabulary, wraps
+    every text as `[CLS] ... [SEP]` (pairs as `[CLS] A [SEP] B [SEP]`), pads on the right and truncates to
+    `model_max_length`. Special tokens have fixed ids: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4.
+
+    Args:
+        texts (`Iterable[str]`): the training corpus, one report per item (read once into memory).
+        vocab_size (`int`, *optional*, defaults to 8000): upper bound on the vocabulary size, specials included.
+        algorithm (`str`, *optional*, defaults to `"wordpiece"`): `"wordpiece"` or `"bpe"`.
+        model_max_length (`int`, *optional*, defaults to 256): truncation length, `[CLS]`/`[SEP]` included.
+        min_frequency (`int`, *optional*, defaults to 2): minimum count for a merge/sub-word to enter the vocabulary.
+
+    Returns:
+        `PreTrainedTokenizerFast` with `pad_token_id == 0`.
+
+    Raises:
+        ValueError: on an unknown algorithm, a non-string item, an empty corpus, or a `vocab_size` smaller than the
+            special tokens plus the corpus alphabet.
+    """
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {list(_ALGORITHMS)}, got {algorithm!r}.")
+    if model_max_length < 2:
+        raise ValueError(f"model_max_length must be at least 2 ([CLS] and [SEP]), got {model_max_length}.")
+    corpus = []
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Report {index} of the corpus is a {type(text).__name__}, not a string.")
+        corpus.append(text)
+    normalizer = _report_normalizer()
+    alphabet = set()
+    for text in corpus:
+        alphabet.update(char for char in normalizer.normalize_str(text) if not char.isspace())
+    if not alphabet:
+        raise ValueError(f"The report corpus is empty ({len(corpus)} texts, none with a non-space character).")
+    minimum = len(SPECIAL_TOKENS) + len(alphabet)
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens plus the "
+            f"{len(alphabet)}-character alphabet of the corpus; use at least {minimum}."
+        )
+
+    if algorithm == "wordpiece":
+        model = models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            continuing_subword_prefix=_SUBWORD_PREFIX,
+            show_progress=False,
+        )
+    else:
+        model = models.BPE(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            continuing_subword_prefix=_SUBWORD_PREFIX,
+            show_progress=False,
+        )
+    backend = Tokenizer(model)
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    vocab = backend.get_vocab()
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if vocab.get(token) != expected_id:
+            raise RuntimeError(f"Special token {token} got id {vocab.get(token)}, expected {expected_id}.")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_TOKEN_ID), ("[SEP]", SEP_TOKEN_ID)],
+    )
+    backend.decoder = decoders.WordPiece(prefix=_SUBWORD_PREFIX)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+        padding_side="right",
+        truncation_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    logger.info(
+        "Trained a %s report tokenizer: %d tokens from %d reports (alphabet %d).",
+        algorithm,
+        backend.get_vocab_size(),
+        len(corpus),
+        len(alphabet),
+    )
+    return tokenizer
+
+
+def build_report_tokenizer(
+    dataset_dict: Any,
+    vocab_size: int = 8000,
+    text_column: str = "report",
+    algorithm: str = "wordpiece",
+    model_max_length: int = 256,
+    min_frequency: int = 2,
+) -> PreTrainedTokenizerFast:
+    """Train the report tokenizer on the **train split only** of a `datasets.DatasetDict`.
+
+    The original Q-DISTILL built its vocabulary from every split, so test reports leaked into it; here validation and
+    test reports are never read.
+
+    Args:
+        dataset_dict (`datasets.DatasetDict`): must contain a `"train"` split with a string `text_column`.
+        vocab_size (`int`, *optional*, defaults to 8000): see [`train_report_tokenizer`].
+        text_column (`str`, *optional*, defaults to `"report"`): column holding the report text.
+        algorithm (`str`, *optional*, defaults to `"wordpiece"`): `"wordpiece"` or `"bpe"`.
+        model_max_length (`int`, *optional*, defaults to 256): truncation length.
+        min_frequency (`int`, *optional*, defaults to 2): minimum sub-word frequency.
+
+    Returns:
+        `PreTrainedTokenizerFast`, as [`train_report_tokenizer`].
+
+    Raises:
+        ValueError: if there is no `"train"` split, the column is missing, or a report is not a string.
+    """
+    splits = list(dataset_dict.keys())
+    if "train" not in splits:
+        raise ValueError(
+            f"The dataset has no 'train' split (splits: {splits}); the tokenizer is trained on train only."
+        )
+    train = dataset_dict["train"]
+    if text_column not in train.column_names:
+        raise ValueError(f"The 'train' split has no column {text_column!r} (columns: {train.column_names}).")
+    reports = train[text_column]
+    for row, report in enumerate(reports):
+        if not isinstance(report, str):
+            raise ValueError(
+                f"Row {row} of the 'train' split has field {text_column!r} of type {type(report).__name__}, "
+                "expected a string."
+            )
+    logger.info("Training the report tokenizer on %d train reports (splits ignored: %s).", len(reports), splits)
+    return train_report_tokenizer(
+        reports,
+        vocab_size=vocab_size,
+        algorithm=algorithm,
+        model_max_length=model_max_length,
+        min_frequency=min_frequency,
+    )
+
+
+__all__ = [
+    "CLS_TOKEN_ID",
+    "MASK_TOKEN_ID",
+    "PAD_TOKEN_ID",
+    "SEP_TOKEN_ID",
+    "SPECIAL_TOKENS",
+    "UNK_TOKEN_ID",
+    "build_report_tokenizer",
+    "train_report_tokenizer",
+]
