@@ -1,0 +1,101 @@
+"""Validate the rule-based report scorer against human labels.
+
+Usage (from the repository root)::
+
+    python data_scripts/evaluate_priority_rules.py --jsonl ../shared/data/cxr-paired/iu_reports_dev.jsonl --errors 10
+
+Each JSONL line needs ``report`` and 0/1 ``urgent`` and ``abnormal`` fields (``study_id`` is
+optional and used in messages). Prints accuracy, sensitivity, specificity, F1, balanced accuracy
+and the confusion matrix for both labels, and optionally examples of false positives and false
+negatives with the scorer's rationale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qdistill_hf.priority_rules import evaluate_scorer  # noqa: E402
+
+LABELS = ("urgent", "abnormal")
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file into a list of dicts.
+
+    Args:
+        path: File with one JSON object a line (blank lines are not allowed).
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If a line is blank, not valid JSON or not an object (message names the line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                raise ValueError(f"{path}:{line_no}: blank line")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def format_metrics(name: str, m: dict) -> str:
+    """Render one label's metrics as a few text lines."""
+    return (
+        f"[{name}] n={m['n']}  accuracy={m['accuracy']:.4f}  sensitivity={m['sensitivity']:.4f}  "
+        f"specificity={m['specificity']:.4f}  F1={m['f1']:.4f}  balanced_accuracy={m['balanced_accuracy']:.4f}\n"
+        f"    confusion (rows = truth, cols = predicted):  truth 0: [TN={m['tn']:5d}  FP={m['fp']:5d}]  "
+        f"truth 1: [FN={m['fn']:5d}  TP={m['tp']:5d}]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jsonl", type=Path, required=True, help="JSONL with report, urgent, abnormal")
+    parser.add_argument("--errors", type=int, default=0, help="print up to N false positives and N false negatives per label")
+    args = parser.parse_args(argv)
+    if args.errors < 0:
+        parser.error(f"--errors must be >= 0, got {args.errors}")
+
+    records = load_jsonl(args.jsonl)
+    start = time.perf_counter()
+    result = evaluate_scorer(records, labels=LABELS)
+    elapsed = time.perf_counter() - start
+    print(f"Scored {len(records)} reports from {args.jsonl} in {elapsed:.2f} s")
+    for label in LABELS:
+        print(format_metrics(label, result[label]))
+
+    if args.errors:
+        for label in LABELS:
+            for kind, truth in (("false positives", 0), ("false negatives", 1)):
+                shown = 0
+                print(f"\n=== {label}: {kind} ===")
+                for record, (study_id, score) in zip(records, result["predictions"]):
+                    if int(record[label]) == truth and getattr(score, label) != truth:
+                        print(f"- {study_id}  mesh={record.get('mesh_major')}")
+                        print(f"  report: {record['report']!r}")
+                        print(f"  rationale: {score.rationale}")
+                        shown += 1
+                        if shown >= args.errors:
+                            break
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
