@@ -1,0 +1,369 @@
+"""Resumable, shardable per-study JSONL runner (shared by pseudo-report generation and priority scoring).
+
+Layout under ``out_dir``::
+
+    parts/part-<rank>-of-<world>.jsonl   one JSON object per finished study, appended + fsync'ed
+    parts/errors-<rank>.jsonl            one JSON object per failed attempt (never an output)
+    <merged_name>                        every finished study exactly once, in input order
+
+Guarantees:
+
+* A study is skipped on rerun when it appears in *any* part file or in the merged file, so reruns with a
+  different number of processes never redo or duplicate work.
+* A process killed mid-write leaves at most one torn (newline-less) trailing line; readers ignore it and the
+  writer truncates it before appending.
+* Failures are written only to the errors file (study id, exception type, message, attempt count) and the
+  study stays pending, so the next run retries it. Error text never reaches an output line.
+* Sharding is a deterministic strided split of the *full* input list (``items[rank::world]``), computed before
+  looking at finished work, so every process agrees on ownership even while others are writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PARTS_DIRNAME = "parts"
+
+BatchFn = Callable[[list[dict]], Sequence[Any]]
+
+
+@dataclass
+class RunSummary:
+    """What one call of :func:`run_resumable` did on this process."""
+
+    rank: int
+    world_size: int
+    n_items: int
+    n_shard: int
+    n_skipped: int
+    n_done: int
+    n_failed: int
+    part_path: Path
+    errors_path: Path
+    merged_path: Path | None = None
+    failed_ids: list[str] = field(default_factory=list)
+
+
+def part_path(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Path of the output part written by ``rank`` out of ``world_size`` processes."""
+    return Path(out_dir) / PARTS_DIRNAME / f"part-{rank:05d}-of-{world_size:05d}.jsonl"
+
+
+def errors_path(out_dir: str | os.PathLike, rank: int) -> Path:
+    """Path of the failure log written by ``rank``."""
+    return Path(out_dir) / PARTS_DIRNAME / f"errors-{rank:05d}.jsonl"
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Read a JSONL file written by this runner, tolerating a torn trailing line.
+
+    Args:
+        path: the file; a missing file reads as empty.
+        repair: when True, truncate a torn (newline-less) trailing line from the file so appends start on a
+            clean line boundary.
+
+    Returns:
+        The parsed objects of every complete line.
+
+    Raises:
+        ValueError: a complete line (one that ends in a newline) is not a JSON object; the message names the
+            file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1  # 0 when there is no newline at all
+    if cut < len(data):
+        logger.warning("%s: ignoring torn trailing line (%d bytes) from an interrupted run", path, len(data) - cut)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(cut)
+                fh.flush()
+                os.fsync(fh.fileno())
+    records = []
+    for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {lineno} is not a JSON object")
+        records.append(obj)
+    return records
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_finished(out_dir: str | os.PathLike, merged_name: str, key: str = "study_id") -> dict[str, dict]:
+    """All finished records under ``out_dir`` (merged file first, then every part), first occurrence wins.
+
+    Args:
+        out_dir: the runner's output folder.
+        merged_name: file name of the merged output inside ``out_dir``.
+        key: the id field.
+    """
+    out_dir = Path(out_dir)
+    finished: dict[str, dict] = {}
+    sources = [out_dir / merged_name, *sorted((out_dir / PARTS_DIRNAME).glob("part-*.jsonl"))]
+    for src in sources:
+        for lineno, rec in enumerate(read_jsonl(src), start=1):
+            if key not in rec:
+                raise ValueError(f"{src}: record {lineno} has no '{key}' field")
+            finished.setdefault(str(rec[key]), rec)
+    return finished
+
+
+def load_errors(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """Latest failure record per study id across every ``errors-*.jsonl`` under ``out_dir``."""
+    latest: dict[str, dict] = {}
+    for src in sorted((Path(out_dir) / PARTS_DIRNAME).glob("errors-*.jsonl")):
+        for rec in read_jsonl(src):
+            sid = str(rec.get("study_id"))
+            if sid not in latest or rec.get("attempt", 0) >= latest[sid].get("attempt", 0):
+                latest[sid] = rec
+    return latest
+
+
+def shard_items(items: Sequence[dict], rank: int, world_size: int) -> list[dict]:
+    """Deterministic strided shard ``items[rank::world_size]``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid shard: rank={rank}, world_size={world_size}")
+    return list(items[rank::world_size])
+
+
+def get_shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, Any]:
+    """Resolve (rank, world_size, state).
+
+    Args:
+        rank: explicit rank (e.g. a SLURM array index); must be given together with ``world_size``.
+        world_size: explicit number of shards.
+
+    Returns:
+        ``(rank, world_size, state)`` where ``state`` is an ``accelerate.PartialState`` when the values came
+        from accelerate (so callers can ``wait_for_everyone()``), else None.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError("rank and world_size must be given together")
+    if rank is not None:
+        return int(rank), int(world_size), None
+    import torch
+    from accelerate import PartialState
+
+    # Without cpu=True, PartialState on a GPU-less machine ignores the launcher and reports one process,
+    # which would make every process redo the whole list.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != env_world:
+        raise RuntimeError(f"accelerate reports {state.num_processes} processes but WORLD_SIZE={env_world}; "
+                           "refusing to run unsharded")
+    return state.process_index, state.num_processes, state
+
+
+def finish_distributed(state: Any) -> None:
+    """Barrier + ``destroy_process_group`` at the end of a launched script (avoids a flaky abort at exit).
+
+    Args:
+        state: the ``PartialState`` from :func:`get_shard_info`, or None (no-op).
+    """
+    if state is None or state.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    state.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def merge_parts(
+    out_dir: str | os.PathLike,
+    order: Iterable[str],
+    merged_name: str = "merged.jsonl",
+    key: str = "study_id",
+) -> Path:
+    """Merge every part (and any previous merged file) into ``out_dir/merged_name``.
+
+    Each study appears exactly once (first record wins), ordered by ``order`` (the input order); finished
+    studies not in ``order`` follow in the order they were found. Written atomically (temp file + rename).
+
+    Args:
+        out_dir: the runner's output folder.
+        order: study ids in input order.
+        merged_name: output file name inside ``out_dir``.
+        key: the id field.
+    """
+    out_dir = Path(out_dir)
+    finished = load_finished(out_dir, merged_name, key=key)
+    ordered: list[str] = []
+    seen: set[str] = set()
+    for sid in list(order) + list(finished):
+        sid = str(sid)
+        if sid in finished and sid not in seen:
+            seen.add(sid)
+            ordered.append(sid)
+    merged = out_dir / merged_name
+    tmp = merged.with_name(merged.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for sid in ordered:
+            fh.write(json.dumps(finished[sid], ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, merged)
+    logger.info("merged %d studies into %s", len(ordered), merged)
+    return merged
+
+
+def _process_with_fallback(fn: BatchFn, batch: list[dict]) -> list[Any]:
+    """Run ``fn`` on a batch; if the whole batch raises, retry item by item so one bad item fails alone."""
+    try:
+        results = list(fn(batch))
+    except Exception as exc:  # noqa: BLE001 - any failure of user code becomes a recorded error
+        if len(batch) == 1:
+            return [exc]
+        logger.warning("batch of %d failed (%s: %s); retrying one item at a time", len(batch), type(exc).__name__, exc)
+        return [_process_with_fallback(fn, [item])[0] for item in batch]
+    if len(results) != len(batch):
+        raise ValueError(f"batch function returned {len(results)} results for {len(batch)} items")
+    return results
+
+
+def run_resumable(
+    items: Sequence[dict],
+    process_batch: BatchFn,
+    out_dir: str | os.PathLike,
+    *,
+    key: str = "study_id",
+    batch_size: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+    merged_name: str = "merged.jsonl",
+    merge: bool = True,
+    max_attempts: int | None = None,
+) -> RunSummary:
+    """Process every pending item of this process's shard, appending one JSON line per finished study.
+
+    Args:
+        items: input records, each a dict with a unique ``key`` (e.g. ``study_id``); their order is the
+            merged output order.
+        process_batch: ``fn(list_of_items) -> list`` returning, per item, a JSON-serialisable dict (the
+            result; ``key`` is added) or an ``Exception`` instance (a failure). An exception raised by the
+            whole call is retried item by item. Exceptions may carry a ``details`` dict (e.g. raw model
+            output) that is stored in the errors file.
+        out_dir: output folder (created).
+        key: id field of the items.
+        batch_size: number of pending items handed to ``process_batch`` at once.
+        rank: explicit shard index (with ``world_size``); default: from ``accelerate.PartialState``.
+        world_size: explicit number of shards.
+        merged_name: file name of the merged output inside ``out_dir``.
+        merge: merge parts when done. Under accelerate the main process merges after ``wait_for_everyone()``;
+            with explicit rank/world_size only a single-shard run (world_size == 1) merges, otherwise call
+            :func:`merge_parts` once every shard has finished.
+        max_attempts: studies whose recorded failures reach this count are skipped (left unfinished)
+            instead of retried; None retries every failure on every run.
+
+    Returns:
+        A :class:`RunSummary` for this process.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = []
+    for i, item in enumerate(items):
+        if key not in item:
+            raise ValueError(f"item {i} has no '{key}' field")
+        ids.append(str(item[key]))
+    if len(set(ids)) != len(ids):
+        dup = sorted({s for s in ids if ids.count(s) > 1})[:5]
+        raise ValueError(f"duplicate {key} values in input: {dup}")
+
+    rank, world_size, state = get_shard_info(rank, world_size)
+    out_dir = Path(out_dir)
+    (out_dir / PARTS_DIRNAME).mkdir(parents=True, exist_ok=True)
+    my_part = part_path(out_dir, rank, world_size)
+    my_errors = errors_path(out_dir, rank)
+    # Repair only our own files: other processes may be appending to theirs right now.
+    read_jsonl(my_part, repair=True)
+    read_jsonl(my_errors, repair=True)
+
+    shard = shard_items(items, rank, world_size)
+    finished = load_finished(out_dir, merged_name, key=key)
+    errors = load_errors(out_dir)
+    pending = []
+    for item in shard:
+        sid = str(item[key])
+        if sid in finished:
+            continue
+        if max_attempts is not None and errors.get(sid, {}).get("attempt", 0) >= max_attempts:
+            continue
+        pending.append(item)
+    n_skipped = len(shard) - len(pending)
+    logger.info("rank %d/%d: %d items in shard, %d already done or given up, %d pending",
+                rank, world_size, len(shard), n_skipped, len(pending))
+
+    n_done, failed_ids = 0, []
+    for start in range(0, len(pending), batch_size):
+        batch = pending[start:start + batch_size]
+        results = _process_with_fallback(process_batch, batch)
+        for item, res in zip(batch, results):
+            sid = str(item[key])
+            if isinstance(res, BaseException):
+                attempt = errors.get(sid, {}).get("attempt", 0) + 1
+                rec = {key: sid, "error_type": type(res).__name__, "message": str(res), "attempt": attempt}
+                details = getattr(res, "details", None)
+                if details is not None:
+                    rec["details"] = details
+                errors[sid] = rec
+                _append_jsonl(my_errors, rec)
+                failed_ids.append(sid)
+                logger.warning("%s %s failed (attempt %d): %s: %s", key, sid, attempt, type(res).__name__, res)
+                continue
+            if not isinstance(res, dict):
+                raise TypeError(f"process_batch returned {type(res).__name__} for {key} {sid}; expected dict or Exception")
+            if key in res and str(res[key]) != sid:
+                raise ValueError(f"process_batch returned {key}={res[key]!r} for item {sid!r}")
+            _append_jsonl(my_part, {key: sid, **{k: v for k, v in res.items() if k != key}})
+            n_done += 1
+
+    merged = None
+    if merge:
+        if state is not None:
+            state.wait_for_everyone()
+            if state.is_main_process:
+                merged = merge_parts(out_dir, ids, merged_name, key=key)
+            state.wait_for_everyone()
+            merged = out_dir / merged_name
+        elif world_size == 1:
+            merged = merge_parts(out_dir, ids, merged_name, key=key)
+    return RunSummary(rank=rank, world_size=world_size, n_items=len(items), n_shard=len(shard),
+                      n_skipped=n_skipped, n_done=n_done, n_failed=len(failed_ids), part_path=my_part,
+                      errors_path=my_errors, merged_path=merged, failed_ids=failed_ids)
+
+
+__all__ = [
+    "RunSummary",
+    "errors_path",
+    "finish_distributed",
+    "get_shard_info",
+    "load_errors",
+    "load_finished",
+    "merge_parts",
+    "part_path",
+    "read_jsonl",
+    "run_resumable",
+    "shard_items",
+]
