@@ -145,7 +145,7 @@ class TestTeacher:
         pixel_values, input_ids, attention_mask, labels = report_batch()
         kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         plain = teacher(**kwargs).loss
-        teacher.gradient_checkpointing_enable()
+        teacher.activation_checkpointing_enable()
         teacher.qformer.encoder.training = True  # checkpointing is active in training mode only
         checkpointed = teacher(**kwargs).loss
         checkpointed.backward()
