@@ -6,10 +6,14 @@ Examples (from the repository root):
         --data_dir ../shared/data/cxr-paired --output_dir runs/processor --vocab_size 4000
 
     HF_HUB_OFFLINE=1 python data_scripts/build_tokenizer.py \
-        --reports_jsonl ../shared/data/cxr-paired/iu_reports_dev.jsonl --output_dir runs/processor_iu
+        --reports_jsonl ../shared/data/cxr-paired/iu_reports_dev.jsonl \
+        --dataset_name qdistill_folder --data_dir ../shared/data/cxr-paired --output_dir runs/processor_iu
 
-`--reports_jsonl` reads one JSON object per line with a string `report` field and trains on every line: the file
-has no splits, so keep held-out reports out of it yourself.
+`--reports_jsonl` reads one JSON object per line with a string `report` field. The file has no splits, so when
+`--dataset_name` is given too, the corpus is the dataset's train reports plus the JSONL reports, minus every
+JSONL report whose text (whitespace-normalised) is a validation or test report of the dataset; the count removed
+is logged. (All 210 validation reports of `cxr-paired` are in `iu_reports_dev.jsonl`.) `--reports_jsonl` alone
+trains on every line and logs a warning.
 """
 
 import argparse
@@ -69,9 +73,10 @@ def read_reports_jsonl(path: str | Path, field: str = "report") -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset_name", choices=DATASET_NAMES, help="dataset loaded with load_cxr_dataset")
-    source.add_argument("--reports_jsonl", help="JSON-lines corpus with a 'report' field (all lines are used)")
+    parser.add_argument("--dataset_name", choices=DATASET_NAMES, help="dataset loaded with load_cxr_dataset")
+    parser.add_argument(
+        "--reports_jsonl", help="JSON-lines corpus with a 'report' field; held-out reports of --dataset_name are removed"
+    )
     parser.add_argument("--data_dir", default=None, help="data folder for --dataset_name")
     parser.add_argument("--cache_dir", default=None, help="datasets cache folder for --dataset_name")
     parser.add_argument("--output_dir", required=True, help="where to save the QDistillProcessor")
@@ -81,7 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_max_length", type=int, default=256)
     parser.add_argument("--text_column", default="report")
     parser.add_argument("--resize_mode", choices=("pad", "squash"), default="pad")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.dataset_name or args.reports_jsonl):
+        parser.error("give --dataset_name, --reports_jsonl or both")
+    return args
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> QDistillProcessor:
@@ -102,21 +114,34 @@ def main(argv: list[str] | None = None) -> QDistillProcessor:
         "min_frequency": args.min_frequency,
     }
 
-    # 1. Load the corpus: the train split of a dataset, or every line of a JSON-lines file.
-    if args.reports_jsonl:
-        reports = read_reports_jsonl(args.reports_jsonl, field=args.text_column)
-        corpus_description = f"{len(reports)} reports from {args.reports_jsonl}"
-        tokenizer = train_report_tokenizer(reports, **tokenizer_kwargs)
-    else:
+    # 1. The dataset's train reports only; its validation/test reports are only used to filter the JSONL corpus.
+    train_reports, held_out, sources = [], set(), []
+    if args.dataset_name:
         from qdistill_hf.data_cxr import load_cxr_dataset
 
         dataset_dict = load_cxr_dataset(args.dataset_name, data_dir=args.data_dir, cache_dir=args.cache_dir)
-        # 2. Train on the train split only (build_report_tokenizer raises when there is none).
+        train_reports = list(dataset_dict["train"][args.text_column])
+        for split in dataset_dict:
+            if split != "train":
+                held_out.update(_normalise(text) for text in dataset_dict[split][args.text_column])
+        sources.append(f"{len(train_reports)} train reports of {args.dataset_name} (splits: {list(dataset_dict)})")
+
+    # 2. Optional JSONL corpus, minus any report that is held out in the dataset.
+    if args.reports_jsonl:
+        reports = read_reports_jsonl(args.reports_jsonl, field=args.text_column)
+        kept = [text for text in reports if _normalise(text) not in held_out]
+        if args.dataset_name:
+            logger.info("Removed %d reports of %s that are validation/test reports of %s.",
+                        len(reports) - len(kept), args.reports_jsonl, args.dataset_name)
+        else:
+            logger.warning("%s has no splits and no --dataset_name was given: training on all %d reports; keep "
+                           "held-out reports out of it yourself.", args.reports_jsonl, len(reports))
+        sources.append(f"{len(kept)} of {len(reports)} reports from {args.reports_jsonl}")
+        tokenizer = train_report_tokenizer(train_reports + kept, **tokenizer_kwargs)
+    else:
+        # build_report_tokenizer re-checks that only the train split is read and names bad rows.
         tokenizer = build_report_tokenizer(dataset_dict, text_column=args.text_column, **tokenizer_kwargs)
-        corpus_description = (
-            f"{dataset_dict['train'].num_rows} train reports of {args.dataset_name} "
-            f"(splits: {list(dataset_dict.keys())})"
-        )
+    corpus_description = " + ".join(sources)
 
     # 3. Bundle with the image processor and save.
     image_processor = QDistillImageProcessor(resize_mode=args.resize_mode)

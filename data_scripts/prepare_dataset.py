@@ -24,15 +24,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from qdistill_hf.data_cxr import CONFIG_NAMES, load_cxr_dataset  # noqa: E402
+from qdistill_hf.synthetic_cxr import save_contact_sheet  # noqa: E402
+
+
+def parse_bool(text: str) -> bool:
+    """Strict true/false for flags: anything but 1/true/yes/0/false/no is an error, never a silent False."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
 
 # (flag, argparse kwargs) for every CxrBuilderConfig option exposed on the command line.
 _OPTIONS = {
     "label_names": {"nargs": "+", "help": "class names, index = class id"},
-    "verify_images": {"type": lambda s: s.lower() in ("1", "true", "yes"), "help": "true/false"},
+    "verify_images": {"type": parse_bool, "help": "true/false"},
     "metadata_file": {},
     "pseudo_report_dir": {},
     "priority_file": {},
-    "require_pseudo_report": {"type": lambda s: s.lower() in ("1", "true", "yes"), "help": "true/false"},
+    "require_pseudo_report": {"type": parse_bool, "help": "true/false"},
     "missing_pseudo_report": {"choices": ["error", "drop", "allow"]},
     "images_subdir": {},
     "reports_source": {},
@@ -53,6 +65,7 @@ _OPTIONS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_name", required=True, choices=CONFIG_NAMES)
     parser.add_argument("--data_dir", default=None)
@@ -62,10 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("builder config options (see qdistill_hf.data_cxr.CxrBuilderConfig)")
     for name, kwargs in _OPTIONS.items():
         group.add_argument(f"--{name}", default=None, **kwargs)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.contact_sheet and args.dataset_name != "synthetic":
+        parser.error("--contact_sheet is only for --dataset_name synthetic")
+    return args
 
 
 def main(argv=None) -> int:
+    """Prepare the dataset, print split sizes and label counts, and optionally save it and a contact sheet."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     config_kwargs = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
@@ -79,10 +96,6 @@ def main(argv=None) -> int:
         dd.save_to_disk(args.output_dir)
         print(f"saved to {args.output_dir}")
     if args.contact_sheet:
-        if args.dataset_name != "synthetic":
-            raise SystemExit("--contact_sheet is only for --dataset_name synthetic")
-        from qdistill_hf.synthetic_cxr import save_contact_sheet
-
         save_contact_sheet(args.contact_sheet, num_cases=16, image_size=args.image_size or 224, seed=args.seed or 0)
         print(f"contact sheet: {args.contact_sheet}")
     return 0

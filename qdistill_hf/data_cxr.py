@@ -31,9 +31,14 @@ Everything is validated in ``_split_generators`` (before any Arrow is written) s
 Images of the folder-based configs are stored as paths (datasets keeps only the path for local files);
 ``save_to_disk`` embeds the bytes. Synthetic films are stored as PNG bytes.
 
-Cache: the config id includes ``data_dir`` and the size/mtime of the index files (CSVs, report archive), so
-editing ``metadata.csv`` triggers a rebuild. Editing an image or report file in place does not: use a fresh
-``cache_dir`` (or ``download_mode="force_redownload"`` on the builder) after such edits.
+CSV indexes are read as UTF-8 (a byte-order mark is accepted); line numbers in errors are the line where the row
+starts. Report text files must be UTF-8: undecodable bytes are an error, never replaced.
+
+Cache: the config id includes ``data_dir`` and the size/mtime of every index file the config reads, at its
+configured path (``metadata_file``, the pseudo-report index, ``priority_file``, ``projections_csv``, the MIMIC CSVs,
+the IU archive or each IU XML file), so editing any of them triggers a rebuild. Report and pseudo-report *text files*
+are copied into Arrow and are not fingerprinted: after editing one in place, use a fresh ``cache_dir`` (or
+``download_mode="force_redownload"`` on the builder). Images are stored as paths, so they are read live.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ IU_URGENT_TERMS = (
 
 _QDISTILL_KNOWN_COLUMNS = ("study_id", "image_path", "report_path", "split", "priority_label")
 _RESERVED = set(CORE_COLUMNS) | {"source", "view_position", "findings", "mesh_major"}
+_MIMIC_SPLIT_CSVS = ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv")
+_MIMIC_METADATA_CSVS = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")
 
 
 @dataclass
@@ -155,11 +162,41 @@ class CxrBuilderConfig(datasets.BuilderConfig):
 
     def create_config_id(self, config_kwargs: dict, custom_features=None) -> str:
         """Config id for the cache folder: the datasets default plus a fingerprint of the index files."""
-        data_dir = config_kwargs.get("data_dir")
-        if data_dir:
-            config_kwargs = dict(config_kwargs)
-            config_kwargs["_index_fingerprint"] = _index_fingerprint(Path(data_dir))
+        if self.data_dir:
+            config_kwargs = {**config_kwargs, "_index_fingerprint": self.index_fingerprint()}
         return super().create_config_id(config_kwargs, custom_features)
+
+    def iu_reports_source(self, data_dir: Path) -> Path:
+        """The IU report archive or XML folder this config reads (see ``reports_source``)."""
+        default = "NLMCXR_reports.tgz" if (data_dir / "NLMCXR_reports.tgz").is_file() else "ecgen-radiology"
+        return data_dir / (self.reports_source or default)
+
+    def index_fingerprint(self) -> str:
+        """Hash of the size and mtime of every index file this config reads (CSVs, IU report XML/archive).
+
+        Uses the configured paths (``metadata_file``, ``priority_file``, ...), so an edit to any of them changes
+        the config id and forces a rebuild instead of serving stale Arrow files.
+        """
+        data_dir = Path(self.data_dir)
+        names = [
+            self.metadata_file,
+            f"{self.pseudo_report_dir}/metadata.csv",
+            self.priority_file,
+            *_MIMIC_SPLIT_CSVS,
+            *_MIMIC_METADATA_CSVS,
+        ]
+        if self.projections_csv:
+            names.append(self.projections_csv)
+        paths = [data_dir / name for name in names]
+        if self.name == "iu_xray":
+            source = self.iu_reports_source(data_dir)
+            paths.extend(sorted(source.rglob("*.xml")) if source.is_dir() else [source])
+        parts = []
+        for path in paths:
+            if path.is_file():
+                st = path.stat()
+                parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
     def validate_options(self) -> None:
         """Raise ValueError for option values outside their allowed set."""
@@ -185,45 +222,75 @@ class CxrBuilderConfig(datasets.BuilderConfig):
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
 
 
-def _index_fingerprint(data_dir: Path) -> str:
-    parts = []
-    for rel in (
-        "metadata.csv",
-        "medgemma_reports/metadata.csv",
-        "priority_scores/priority_metadata.csv",
-        "NLMCXR_reports.tgz",
-        "mimic-cxr-2.0.0-split.csv.gz",
-        "mimic-cxr-2.0.0-split.csv",
-        "mimic-cxr-2.0.0-metadata.csv.gz",
-        "mimic-cxr-2.0.0-metadata.csv",
-    ):
-        p = data_dir / rel
-        if p.is_file():
-            st = p.stat()
-            parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """Rows of a (optionally gzipped) CSV as ``(1-based line number, row)``, after checking the header."""
+def _open_text(path: Path):
+    """Open a (optionally gzipped) UTF-8 text file; a byte-order mark (as Excel writes) is dropped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    return opener(path, "rt", newline="", encoding="utf-8-sig")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """Stripped column names of a CSV; empty or repeated names are an error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing required column(s) {missing}; found {header}")
-        reader.fieldnames = header
-        rows = []
-        for row in reader:
-            # Line of the row's last physical line; quoted newlines are rare in these indexes.
-            rows.append((reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}))
+    try:
+        with _open_text(path) as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
+    if not header or "" in header or len(set(header)) != len(header):
+        raise ValueError(f"{path} line 1: the header must hold distinct non-empty column names, got {header}")
+    return header
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """Rows of a (optionally gzipped) CSV as ``(line where the row starts, row)``, values stripped.
+
+    Blank lines are skipped; a row with more or fewer fields than the header is an error naming its line.
+    """
+    header = _csv_header(path)
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; found {header}")
+    rows = []
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f)
+            next(reader)
+            end = reader.line_num
+            for fields in reader:
+                # A quoted field may span lines, so a row starts on the line after the previous one ended.
+                start, end = end + 1, reader.line_num
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(f"{path} line {start}: {len(fields)} fields, but the header has {len(header)}")
+                rows.append((start, {k: v.strip() for k, v in zip(header, fields)}))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
     return rows
+
+
+def _read_keyed_csv(path: Path, required: tuple[str, ...], key: str = "study_id") -> dict[str, tuple[int, dict]]:
+    """``_read_csv`` rows by ``key`` in file order; an empty or repeated key is an error naming the line."""
+    rows: dict[str, tuple[int, dict]] = {}
+    for line, row in _read_csv(path, (key, *required)):
+        value = row[key]
+        if not value:
+            raise ValueError(f"{path} line {line}: empty {key}")
+        if value in rows:
+            raise ValueError(f"{path} line {line} ({key} {value!r}): duplicate {key}, first seen on line {rows[value][0]}")
+        rows[value] = (line, row)
+    return rows
+
+
+def _warn_unknown(ids, known, path: Path) -> None:
+    """Log, rather than silently ignore, study ids of a side file that the main index lacks."""
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        logger.warning("%s: %d study ids are not in the main index and are ignored; first %r", path, len(unknown), unknown[0])
 
 
 def _normalise_split(value: str, where: str) -> str:
@@ -258,11 +325,15 @@ def _check_image(path: Path, where: str, verify: bool) -> None:
             raise ValueError(f"{where}: image file is not a decodable image: {path} ({exc})") from exc
 
 
-def _read_text(path: Path, where: str, what: str) -> str:
+def _read_text(path: Path, where: str, what: str, allow_empty: bool = False) -> str:
+    """Stripped UTF-8 text of a report file; missing, undecodable or (unless allowed) empty files raise."""
     if not path.is_file():
         raise FileNotFoundError(f"{where}: {what} file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
-    if not text:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: {what} file is not valid UTF-8: {path} ({exc})") from exc
+    if not text and not allow_empty:
         raise ValueError(f"{where}: {what} file is empty: {path}")
     return text
 
@@ -383,9 +454,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
         if name == "qdistill_folder" and self.config.data_dir:
             path = Path(self.config.data_dir) / self.config.metadata_file
             if path.is_file():
-                with open(path, newline="", encoding="utf-8") as f:
-                    header = next(csv.reader(f), [])
-                return [_extra_name(h.strip()) for h in header if h.strip() and h.strip() not in _QDISTILL_KNOWN_COLUMNS]
+                return [_extra_name(c) for c in _csv_header(path) if c not in _QDISTILL_KNOWN_COLUMNS]
         return []
 
     def _info(self) -> datasets.DatasetInfo:
@@ -464,50 +533,36 @@ class DataCxr(datasets.GeneratorBasedBuilder):
         meta_path = data_dir / cfg.metadata_file
         priority_path = data_dir / cfg.priority_file
         has_priority = priority_path.is_file()
-        required = ("study_id", "image_path", "report_path", "split") + (() if has_priority else ("priority_label",))
-        rows = _read_csv(meta_path, required)
+        required = ("image_path", "report_path", "split") + (() if has_priority else ("priority_label",))
+        rows = _read_keyed_csv(meta_path, required)
 
         priority: dict[str, int] = {}
         if has_priority:
-            seen_line: dict[str, int] = {}
-            for line, row in _read_csv(priority_path, ("study_id", "priority_label")):
-                sid = row["study_id"]
+            for sid, (line, row) in _read_keyed_csv(priority_path, ("priority_label",)).items():
                 where = f"{priority_path} line {line} (study_id {sid!r})"
-                if sid in seen_line:
-                    raise ValueError(f"{where}: duplicate study_id, first seen on line {seen_line[sid]}")
-                seen_line[sid] = line
                 priority[sid] = _parse_label(row["priority_label"], label_names, where)
+            _warn_unknown(priority, rows, priority_path)
             logger.info("labels from %s override metadata.csv for %d studies", priority_path, len(priority))
 
         pseudo_dir = data_dir / cfg.pseudo_report_dir
         pseudo_index = pseudo_dir / "metadata.csv"
         pseudo: dict[str, str] = {}
         if pseudo_index.is_file():
-            seen_line = {}
-            for line, row in _read_csv(pseudo_index, ("study_id", "medgemma_report_path")):
-                sid = row["study_id"]
+            for sid, (line, row) in _read_keyed_csv(pseudo_index, ("medgemma_report_path",)).items():
                 where = f"{pseudo_index} line {line} (study_id {sid!r})"
-                if sid in seen_line:
-                    raise ValueError(f"{where}: duplicate study_id, first seen on line {seen_line[sid]}")
-                seen_line[sid] = line
                 pseudo[sid] = _read_text(pseudo_dir / row["medgemma_report_path"], where, "pseudo-report")
+            _warn_unknown(pseudo, rows, pseudo_index)
         elif cfg.require_pseudo_report:
             raise FileNotFoundError(f"require_pseudo_report=True but the pseudo-report index is missing: {pseudo_index}")
 
-        extra = [c for c in rows[0][1] if c not in _QDISTILL_KNOWN_COLUMNS] if rows else []
-        examples, seen, missing_pseudo = [], {}, []
-        for line, row in rows:
-            sid = row["study_id"]
+        extra = [c for c in _csv_header(meta_path) if c not in _QDISTILL_KNOWN_COLUMNS]
+        examples, missing_pseudo = [], []
+        for sid, (line, row) in rows.items():
             where = f"{meta_path} line {line} (study_id {sid!r})"
-            if not sid:
-                raise ValueError(f"{meta_path} line {line}: empty study_id")
-            if sid in seen:
-                raise ValueError(f"{where}: duplicate study_id, first seen on line {seen[sid]}")
-            seen[sid] = line
             split = _normalise_split(row["split"], where)
             if sid in priority:
                 label = priority[sid]
-            elif "priority_label" in row and row["priority_label"] not in (None, ""):
+            elif row.get("priority_label"):
                 label = _parse_label(row["priority_label"], label_names, where)
             else:
                 raise ValueError(f"{where}: no label (empty priority_label and not in {priority_path})")
@@ -533,7 +588,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
                 "mesh_major": [],
             }
             for col in extra:
-                ex[_extra_name(col)] = row.get(col) or None
+                ex[_extra_name(col)] = row[col] or None
             examples.append(ex)
 
         if missing_pseudo and (pseudo_index.is_file() or cfg.require_pseudo_report):
@@ -561,7 +616,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
         images_dir = data_dir / (cfg.images_subdir or ("NLMCXR_png" if (data_dir / "NLMCXR_png").is_dir() else "images"))
         if not images_dir.is_dir():
             raise FileNotFoundError(f"IU image folder not found: {images_dir}")
-        source = data_dir / (cfg.reports_source or ("NLMCXR_reports.tgz" if (data_dir / "NLMCXR_reports.tgz").is_file() else "ecgen-radiology"))
+        source = cfg.iu_reports_source(data_dir)
         projections = self._iu_projections(data_dir) if cfg.projections_csv else None
 
         examples, problems, seen = [], [], {}
@@ -629,11 +684,9 @@ class DataCxr(datasets.GeneratorBasedBuilder):
     def _mimic_examples(self, data_dir: Path) -> list[dict]:
         cfg = self.config
         label_names = tuple(cfg.label_names)
-        split_path = _first_existing(data_dir, ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"))
-        meta_path = _first_existing(data_dir, ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"))
-        views = {}
-        for line, row in _read_csv(meta_path, ("dicom_id", "ViewPosition")):
-            views[row["dicom_id"]] = row["ViewPosition"]
+        split_path = _first_existing(data_dir, _MIMIC_SPLIT_CSVS)
+        meta_path = _first_existing(data_dir, _MIMIC_METADATA_CSVS)
+        views = {dicom: row["ViewPosition"] for dicom, (_, row) in _read_keyed_csv(meta_path, ("ViewPosition",), key="dicom_id").items()}
         studies: dict[str, dict] = {}
         for line, row in _read_csv(split_path, ("dicom_id", "study_id", "subject_id", "split")):
             where = f"{split_path} line {line} (study_id {row['study_id']!r})"
@@ -651,11 +704,10 @@ class DataCxr(datasets.GeneratorBasedBuilder):
             label_source = "priority_csv" if priority_path.is_file() else "rules"
         priority: dict[str, int] = {}
         if label_source == "priority_csv":
-            for line, row in _read_csv(priority_path, ("study_id", "priority_label")):
-                where = f"{priority_path} line {line} (study_id {row['study_id']!r})"
-                if row["study_id"] in priority:
-                    raise ValueError(f"{where}: duplicate study_id")
-                priority[row["study_id"]] = _parse_label(row["priority_label"], label_names, where)
+            for sid, (line, row) in _read_keyed_csv(priority_path, ("priority_label",)).items():
+                where = f"{priority_path} line {line} (study_id {sid!r})"
+                priority[sid] = _parse_label(row["priority_label"], label_names, where)
+            _warn_unknown(priority, studies, priority_path)
         else:
             if len(label_names) != 2:
                 raise ValueError(f"label_source='rules' gives binary labels; got label_names={label_names!r}")
@@ -682,7 +734,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
             if not report_path.is_file():
                 problems.append(f"{where}: report file not found: {report_path}")
                 continue
-            report = mimic_report_text(report_path.read_text(encoding="utf-8", errors="replace"))
+            report = mimic_report_text(_read_text(report_path, where, "report", allow_empty=True))
             if not report:
                 problems.append(f"{where}: report file is empty: {report_path}")
                 continue

@@ -92,8 +92,8 @@ def cache_image_features(
 ) -> datasets.Dataset:
     """Add the frozen encoder's `last_hidden_state` of every film as a column, cached to Arrow.
 
-    The encoder runs in eval mode under `torch.inference_mode()`; its previous train/eval mode is restored afterwards.
-    Every row and column is kept. Under `accelerate launch` the main process builds the cache first and the other
+    The encoder runs in eval mode under `torch.inference_mode()` on `device`; its previous train/eval mode and device
+    are restored afterwards. Every row and column is kept. Under `accelerate launch` the main process builds the cache first and the other
     processes then load it.
 
     Args:
@@ -102,8 +102,8 @@ def cache_image_features(
             is stored.
         image_processor: callable returning `pixel_values` (e.g. `QDistillImageProcessor`).
         batch_size (`int`, *optional*, defaults to 32): films per encoder pass (also the `map` batch size).
-        device (`str` or `torch.device`, *optional*): where to run the encoder; the model is moved there. Defaults
-            to the device of the model's parameters.
+        device (`str` or `torch.device`, *optional*): where to run the encoder. Defaults to this process's
+            accelerate device (`PartialState().device`: the GPU when one is present, else the CPU).
         fingerprint (`str`, *optional*): use this instead of [`feature_fingerprint`] for the encoder + processor
             part of the cache key (e.g. `"chexzero-<ckpt-sha>-prep-v1"`); you must change it whenever the weights or
             preprocessing change.
@@ -130,9 +130,9 @@ def cache_image_features(
         logger.warning("The dataset is in memory (no cache files): features are computed but not cached to disk.")
 
     num_tokens, hidden_size = _num_tokens_and_hidden(vision_model)
-    if device is not None:
-        vision_model.to(device)
-    model_device = next(vision_model.parameters()).device
+    state = PartialState()
+    model_device = torch.device(device) if device is not None else state.device
+    original_device = next(vision_model.parameters()).device
     model_dtype = next(vision_model.parameters()).dtype
     encoder_fingerprint = fingerprint or feature_fingerprint(vision_model, image_processor)
     key = "|".join(
@@ -160,9 +160,9 @@ def cache_image_features(
         return {feature_column: hidden.to(device="cpu", dtype=dtype).numpy()}
 
     was_training = vision_model.training
-    vision_model.eval()
+    vision_model.to(model_device).eval()
     try:
-        with PartialState().main_process_first():
+        with state.main_process_first():
             result = dataset.map(
                 encode,
                 batched=True,
@@ -173,7 +173,7 @@ def cache_image_features(
                 desc="Caching frozen image features",
             )
     finally:
-        vision_model.train(was_training)
+        vision_model.to(original_device).train(was_training)
     return result
 
 

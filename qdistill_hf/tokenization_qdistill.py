@@ -13,7 +13,10 @@ logger = logging.getLogger(__name__)
 # Fixed ids: the model configs default to pad_token_id=0, and position 0 of every sequence is [CLS].
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_TOKEN_ID, UNK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, MASK_TOKEN_ID = range(len(SPECIAL_TOKENS))
-_ALGORITHMS = ("wordpiece", "bpe")
+_ALGORITHMS = {
+    "wordpiece": (models.WordPiece, trainers.WordPieceTrainer),
+    "bpe": (models.BPE, trainers.BpeTrainer),
+}
 _SUBWORD_PREFIX = "##"
 
 
@@ -34,6 +37,10 @@ def train_report_tokenizer(
     punctuation (BERT pre-tokenizer), learns a WordPiece (or BPE, with `##` continuation prefixes) vocabulary, wraps
     every text as `[CLS] ... [SEP]` (pairs as `[CLS] A [SEP] B [SEP]`), pads on the right and truncates to
     `model_max_length`. Special tokens have fixed ids: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4.
+
+    Reproducibility: the `tokenizers` trainers break ties between equally frequent merges in hash-map order, so two
+    trainings on the same corpus can give slightly different vocabularies and ids (measured: a few tokens of 600).
+    Train once and ship the saved tokenizer with the processor and the model; never retrain it to "reproduce" one.
 
     Args:
         texts (`Iterable[str]`): the training corpus, one report per item (read once into memory).
@@ -71,24 +78,15 @@ def train_report_tokenizer(
             f"{len(alphabet)}-character alphabet of the corpus; use at least {minimum}."
         )
 
-    if algorithm == "wordpiece":
-        model = models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            continuing_subword_prefix=_SUBWORD_PREFIX,
-            show_progress=False,
-        )
-    else:
-        model = models.BPE(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            continuing_subword_prefix=_SUBWORD_PREFIX,
-            show_progress=False,
-        )
+    model_class, trainer_class = _ALGORITHMS[algorithm]
+    model = model_class(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
+    trainer = trainer_class(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix=_SUBWORD_PREFIX,
+        show_progress=False,
+    )
     backend = Tokenizer(model)
     backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -406,3 +406,57 @@ def test_iu_mesh_rule_matches_human_urgent_labels(shared_data):
         rows = [json.loads(line) for line in f]
     assert len(rows) > 3000
     assert sum(iu_urgent_from_mesh(r["mesh_major"]) != r["urgent"] for r in rows) == 0
+
+
+# ------------------------------------------------------------------------------------------ CSV reading and cache keys
+
+
+def test_csv_with_byte_order_mark_quoted_newline_and_ragged_row(tmp_path):
+    root = make_folder(tmp_path / "data")
+    path = root / "metadata.csv"
+    text = path.read_text()
+    path.write_text("\ufeff" + text.replace("site A", '"site\nA"', 1), encoding="utf-8")
+    dd = load_folder(root, tmp_path / "a")
+    assert dd["train"]["study_id"] == ["s1", "s2"] and dd["train"]["site"][0] == "site\nA"
+    # s2 starts on line 4 because s1's quoted field spans lines 2-3.
+    _rewrite(root, row=2, col=3, value="dev")
+    with pytest.raises(ValueError, match=r"metadata\.csv line 4 \(study_id 's2'\): unknown split 'dev'"):
+        load_folder(root, tmp_path / "b")
+    with open(path, "a") as f:
+        f.write("s9,images/s9.png,reports/s9.txt,train\n")
+    with pytest.raises(ValueError, match=r"metadata\.csv line 7: 4 fields, but the header has 6"):
+        load_folder(root, tmp_path / "c")
+
+
+def test_report_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (root / "reports" / "s2.txt").write_bytes(b"FINDINGS: caf\xe9.")
+    with pytest.raises(ValueError, match=r"line 3 \(study_id 's2'\): report file is not valid UTF-8: .*s2\.txt"):
+        load_folder(root, tmp_path)
+
+
+def test_side_files_with_unknown_study_ids_are_logged(tmp_path, caplog):
+    root = make_folder(tmp_path / "data")
+    _csv(root / "priority_scores" / "priority_metadata.csv", ["study_id", "priority_label"], [["s1", "1"], ["zz", "0"]])
+    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data_cxr"):
+        load_folder(root, tmp_path)
+    assert any("priority_metadata.csv: 1 study ids are not in the main index" in r.getMessage() and "'zz'" in r.getMessage() for r in caplog.records)
+
+
+def test_edit_of_a_configured_index_file_invalidates_cache(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (root / "metadata.csv").rename(root / "index.csv")
+    assert load_folder(root, tmp_path, metadata_file="index.csv")["train"]["label"] == [0, 1]
+    table = (root / "index.csv").read_text().replace("images/s1.png,reports/s1.txt,train,0", "images/s1.png,reports/s1.txt,train,1")
+    (root / "index.csv").write_text(table)
+    assert load_folder(root, tmp_path, metadata_file="index.csv")["train"]["label"] == [1, 1]
+
+
+def test_iu_xml_edit_invalidates_cache(tmp_path):
+    root = make_iu(tmp_path / "iu")
+    rows = {r["study_id"]: r for r in _all_rows(load_cxr_dataset("iu_xray", data_dir=str(root), cache_dir=str(tmp_path / "c")))}
+    assert rows["CXR2"]["label"] == 1
+    xml = root / "ecgen-radiology" / "2.xml"
+    xml.write_text(xml.read_text().replace("<major>Pleural Effusion/right/small</major>", ""))
+    rows = {r["study_id"]: r for r in _all_rows(load_cxr_dataset("iu_xray", data_dir=str(root), cache_dir=str(tmp_path / "c")))}
+    assert rows["CXR2"]["label"] == 0

@@ -302,3 +302,19 @@ def test_real_film_and_reports(shared_data):
     tokenizer = train_report_tokenizer(reports, vocab_size=1000)
     ids = tokenizer(reports[0], truncation=True)["input_ids"]
     assert ids[0] == 2 and ids[-1] == 3 and tokenizer.unk_token_id not in ids
+
+
+def test_cli_jsonl_with_dataset_drops_held_out_reports(tmp_path, monkeypatch):
+    fake_module = types.ModuleType("qdistill_hf.data_cxr")
+    fake_module.load_cxr_dataset = lambda name, data_dir=None, cache_dir=None, **kw: _split_dict()
+    monkeypatch.setitem(sys.modules, "qdistill_hf.data_cxr", fake_module)
+    corpus = tmp_path / "reports.jsonl"
+    lines = ["Zygomatic  quixotic jjj\nfinding.", "Bronchiectasis seen.", "Bronchiectasis seen."]
+    corpus.write_text("".join(json.dumps({"report": r}) + "\n" for r in lines))
+    out = tmp_path / "processor"
+    _load_cli().main(["--dataset_name", "synthetic", "--reports_jsonl", str(corpus), "--output_dir", str(out),
+                      "--vocab_size", "300", "--min_frequency", "1"])
+    vocab = QDistillProcessor.from_pretrained(out).tokenizer.get_vocab()
+    # The test-split text (same words, other whitespace) is removed; the new JSONL report and train reports stay.
+    assert "bronchiectasis" in vocab and "effusion" in vocab
+    assert not any(word in vocab for word in ("zygomatic", "quixotic", "jjj"))
