@@ -13,7 +13,6 @@ negatives with the scorer's rationale.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,38 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qdistill_hf.priority_rules import evaluate_scorer  # noqa: E402
+from qdistill_hf.resumable import read_jsonl  # noqa: E402
 
 LABELS = ("urgent", "abnormal")
-
-
-def load_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file into a list of dicts.
-
-    Args:
-        path: File with one JSON object a line (blank lines are not allowed).
-
-    Returns:
-        The records in file order.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If a line is blank, not valid JSON or not an object (message names the line).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                raise ValueError(f"{path}:{line_no}: blank line")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
 
 
 def format_metrics(name: str, m: dict) -> str:
@@ -68,12 +38,13 @@ def format_metrics(name: str, m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jsonl", type=Path, required=True, help="JSONL with report, urgent, abnormal")
-    parser.add_argument("--errors", type=int, default=0, help="print up to N false positives and N false negatives per label")
+    parser.add_argument("--errors", type=int, default=0,
+                        help="print up to N false positives and N false negatives per label")
     args = parser.parse_args(argv)
     if args.errors < 0:
         parser.error(f"--errors must be >= 0, got {args.errors}")
 
-    records = load_jsonl(args.jsonl)
+    records = read_jsonl(args.jsonl, strict=True)
     start = time.perf_counter()
     result = evaluate_scorer(records, labels=LABELS)
     elapsed = time.perf_counter() - start

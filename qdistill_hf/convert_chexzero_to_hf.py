@@ -39,7 +39,7 @@ from transformers.image_utils import PILImageResampling
 
 logger = logging.getLogger(__name__)
 
-# Where the converted ViT-B/32 folder is published, for the docs. Nothing in this package downloads it.
+# Suggested Hub id for a converted ViT-B/32 folder, used in docs only: nothing here downloads or uploads it.
 CHEXZERO_HUB_ID = "qdistill-hf/chexzero-vit-b32"
 
 # CheXzero's zero_shot.py normalises raw 0-255 grayscale (repeated to 3 channels) with these constants.

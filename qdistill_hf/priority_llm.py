@@ -7,7 +7,8 @@ errors. Here a reply must contain exactly one JSON object
 * Surrounding prose and a Markdown code fence are tolerated only when exactly one JSON object can be
   extracted from the reply (two objects are ambiguous and rejected).
 * ``urgent`` must be the integer 0 or 1 and ``complexity`` an integer 1-5 (booleans, floats and strings such
-  as ``"1"`` are rejected); ``rationale`` must be a string; no other keys are allowed.
+  as ``"1"`` are rejected); ``rationale`` must be a string; no other keys are allowed, and no key may appear
+  twice (``json`` would silently keep the last of ``{"urgent": 0, "urgent": 1, ...}``).
 
 A study whose replies all fail becomes a :class:`PriorityParseError` carrying every raw reply; the resumable
 runner stores it in the errors file and the study has no label.
@@ -15,12 +16,19 @@ runner stores it in the errors file and the study has no label.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from .priority_rules import score_report
+from .pseudo_reports import resolve_device_dtype
+from .resumable import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +77,21 @@ class PriorityResult:
         return asdict(self)
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise _DuplicateKeyError(f"duplicate key(s) {dup}")
+    return dict(pairs)
+
+
 def _extract_json_objects(text: str) -> list[Any]:
-    decoder = json.JSONDecoder()
+    """Every top-level JSON object in ``text``; raises _DuplicateKeyError on an object with a repeated key."""
+    decoder = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys)
     found, pos = [], 0
     while True:
         start = text.find("{", pos)
@@ -104,11 +125,15 @@ def parse_priority_json(text: str) -> PriorityResult:
     """
     if not isinstance(text, str):
         raise PriorityParseError(f"reply is {type(text).__name__}, not str", raw_output=repr(text))
-    objects = _extract_json_objects(text)
+    try:
+        objects = _extract_json_objects(text)
+    except _DuplicateKeyError as exc:
+        raise PriorityParseError(f"{exc} in the JSON object", raw_output=text) from None
     if not objects:
         raise PriorityParseError("no JSON object found in reply", raw_output=text)
     if len(objects) > 1:
-        raise PriorityParseError(f"found {len(objects)} JSON objects in reply; expected exactly one", raw_output=text)
+        raise PriorityParseError(f"found {len(objects)} JSON objects in reply; expected exactly one",
+                                 raw_output=text)
     obj = objects[0]
     if not isinstance(obj, dict):
         raise PriorityParseError("JSON value is not an object", raw_output=text)
@@ -123,13 +148,20 @@ def parse_priority_json(text: str) -> PriorityResult:
     if not _strict_int(obj["complexity"]) or not 1 <= obj["complexity"] <= 5:
         raise PriorityParseError(f"complexity must be an integer 1-5, got {obj['complexity']!r}", raw_output=text)
     if not isinstance(obj["rationale"], str):
-        raise PriorityParseError(f"rationale must be a string, got {type(obj['rationale']).__name__}", raw_output=text)
+        raise PriorityParseError(f"rationale must be a string, got {type(obj['rationale']).__name__}",
+                                 raw_output=text)
     return PriorityResult(urgent=obj["urgent"], complexity=obj["complexity"], rationale=obj["rationale"].strip())
 
 
 def build_priority_messages(report: str, system_prompt: str = PRIORITY_SYSTEM_PROMPT,
                             user_template: str = PRIORITY_USER_TEMPLATE) -> list[dict]:
-    """Chat messages asking for the priority JSON of one report."""
+    """Chat messages asking for the priority JSON of one report.
+
+    Args:
+        report: the report text (stripped).
+        system_prompt: system turn.
+        user_template: user turn with a ``{report}`` placeholder.
+    """
     return [{"role": "system", "content": system_prompt},
             {"role": "user", "content": user_template.format(report=report.strip())}]
 
@@ -140,7 +172,9 @@ GenerateFn = Callable[[list[list[dict]], int], list[str]]
 class HFChatGenerate:
     """Text-only chat generation through ``AutoModelForCausalLM`` + the tokenizer's chat template.
 
-    Attempt 0 decodes greedily; retries sample (``temperature=retry_temperature``) so a retry can differ.
+    Attempt 0 decodes greedily; retries sample (``temperature=retry_temperature``) so a retry can differ, from
+    a generator seeded with ``seed + attempt`` (the global RNG state is restored afterwards), so a rerun on the
+    same batch reproduces the same replies.
 
     Args:
         model_id_or_path: Hub id or local folder.
@@ -149,16 +183,16 @@ class HFChatGenerate:
         dtype: default bfloat16 on CUDA, float32 on CPU.
         device: default CUDA when available.
         retry_temperature: sampling temperature for attempts after the first.
+        seed: base seed of the retries' sampling.
     """
 
     def __init__(self, model_id_or_path: str | os.PathLike, max_new_tokens: int = 128, batch_size: int = 8,
-                 dtype: Any = None, device: Any = None, retry_temperature: float = 0.7):
-        import torch
+                 dtype: Any = None, device: Any = None, retry_temperature: float = 0.7, seed: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_id_or_path))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -168,28 +202,40 @@ class HFChatGenerate:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.retry_temperature = retry_temperature
+        self.seed = seed
 
     def __call__(self, conversations: list[list[dict]], attempt: int = 0) -> list[str]:
-        """Generate one reply per conversation."""
+        """Generate one reply per conversation.
+
+        Args:
+            conversations: chat message lists.
+            attempt: 0 for greedy decoding, >= 1 for a seeded sampled retry.
+        """
         import torch
 
-        sampling = {"do_sample": False} if attempt == 0 else {"do_sample": True, "temperature": self.retry_temperature}
+        if attempt == 0:
+            sampling = {"do_sample": False}
+        else:
+            sampling = {"do_sample": True, "temperature": self.retry_temperature}
+        devices = [self.device] if self.device.type == "cuda" else []
         replies: list[str] = []
-        for start in range(0, len(conversations), self.batch_size):
-            chunk = conversations[start:start + self.batch_size]
-            inputs = self.tokenizer.apply_chat_template(chunk, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True, return_tensors="pt", padding=True)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            replies.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + attempt)
+            for start in range(0, len(conversations), self.batch_size):
+                chunk = conversations[start:start + self.batch_size]
+                inputs = self.tokenizer.apply_chat_template(chunk, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True, return_tensors="pt", padding=True)
+                inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                with torch.inference_mode():
+                    out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                              pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                replies.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return replies
 
 
 class LLMPriorityScorer:
-    """Score reports with a chat LLM; each report ends as a :class:`PriorityResult` or a :class:`PriorityParseError`.
+    """Score reports with a chat LLM; each ends as a :class:`PriorityResult` or a :class:`PriorityParseError`.
 
     Args:
         generate_fn: ``fn(conversations, attempt) -> replies``; default an :class:`HFChatGenerate` built from
@@ -249,19 +295,20 @@ class LLMPriorityScorer:
                     still.append(i)
             pending = still
         for i in pending:
-            results[i] = PriorityParseError(
-                f"unscored after {len(raw[i])} attempt(s): {last_error[i]}", raw_output=raw[i][-1], raw_outputs=raw[i])
+            results[i] = PriorityParseError(f"unscored after {len(raw[i])} attempt(s): {last_error[i]}",
+                                            raw_output=raw[i][-1], raw_outputs=raw[i])
         return results
 
 
 def rules_score_batch(reports: Sequence[str]) -> list[dict]:
     """Score reports with the rule-based scorer (``qdistill_hf.priority_rules.score_report``).
 
+    Args:
+        reports: non-empty report texts (an empty one raises ``ValueError``).
+
     Returns:
         Per report ``{"urgent", "abnormal", "complexity", "rationale"}``.
     """
-    from qdistill_hf.priority_rules import score_report  # lazy: optional sibling module
-
     out = []
     for text in reports:
         s = score_report(text)
@@ -271,33 +318,38 @@ def rules_score_batch(reports: Sequence[str]) -> list[dict]:
 
 
 def write_priority_metadata(path: str | os.PathLike, records: Sequence[dict], scorer: str) -> int:
-    """Write ``priority_metadata.csv`` (``study_id, priority_label, complexity, split, scorer``).
+    """Write ``priority_metadata.csv`` (``study_id, priority_label, complexity, split, scorer``) atomically.
 
     Only scored records are written (``priority_label`` = ``urgent``); unscored studies have no row, so they
     never receive a label.
 
     Args:
         path: CSV path (parent created).
-        records: runner records with ``study_id``, ``urgent``, ``complexity``, ``split``.
+        records: runner records with ``study_id``, ``urgent`` (0/1), ``complexity`` (1-5), optional ``split``.
         scorer: scorer name written in every row.
 
     Returns:
         Number of rows written.
-    """
-    import csv
-    from pathlib import Path
 
+    Raises:
+        ValueError: a record lacks ``study_id`` or has an invalid ``urgent``/``complexity`` (names the record).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["study_id", "priority_label", "complexity", "split", "scorer"])
-        for i, rec in enumerate(records):
-            if rec.get("urgent") not in (0, 1):
-                raise ValueError(f"record {i} ({rec.get('study_id')}): urgent must be 0 or 1, got {rec.get('urgent')!r}")
-            w.writerow([rec["study_id"], rec["urgent"], rec["complexity"], rec.get("split", ""), scorer])
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["study_id", "priority_label", "complexity", "split", "scorer"])
+    for i, rec in enumerate(records):
+        sid = rec.get("study_id")
+        if sid is None:
+            raise ValueError(f"record {i}: no 'study_id' field")
+        urgent, complexity = rec.get("urgent"), rec.get("complexity")
+        if not _strict_int(urgent) or urgent not in (0, 1):
+            raise ValueError(f"record {i} ({sid}): urgent must be 0 or 1, got {urgent!r}")
+        if not _strict_int(complexity) or not 1 <= complexity <= 5:
+            raise ValueError(f"record {i} ({sid}): complexity must be an integer 1-5, got {complexity!r}")
+        writer.writerow([sid, urgent, complexity, rec.get("split", ""), scorer])
+    atomic_write_text(path, buffer.getvalue())
     return len(records)
 
 

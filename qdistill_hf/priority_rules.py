@@ -81,7 +81,8 @@ Negation and uncertainty (NegEx-style)
 A report is split into sentences (full stops, question/exclamation marks, line breaks and
 numbered list items); each sentence is split into clauses at scope terminators ("but",
 "however", "although", "though", "which", "except", "aside from", "apart from", "other than",
-";", and "and there is/are"). A pre-negation trigger ("no", "not", "without", "free of",
+"whereas", "while", "with the exception of", ";", "and there/the/a/an" and ", there is/are" /
+", with"; ``SCOPE_TERMINATORS`` is the full list). A pre-negation trigger ("no", "not", "without", "free of",
 "negative for", "no evidence of", "absence of", "resolved", "resolution of", "clear of",
 "rather than", "ruled out", ...) negates findings from the trigger to the end of its clause; a
 post-negation trigger ("... is not seen", "... has resolved", "... absent", "... not
@@ -192,7 +193,14 @@ FINDING_LEXICON: dict[str, FindingRule] = {
     ),
     "infiltrate": FindingRule((r"infiltrat\w*",), URGENT, 3),
     "mass": FindingRule(
-        (r"\bmass(?:es)?\b(?! effect)", r"\bmass[- ]?like\b", r"\btumou?r\b", r"\bneoplas\w+", r"malignan\w+", r"carcinoma"),
+        (
+            r"\bmass(?:es)?\b(?! effect)",
+            r"\bmass[- ]?like\b",
+            r"\btumou?r\b",
+            r"\bneoplas\w+",
+            r"malignan\w+",
+            r"carcinoma",
+        ),
         URGENT,
         3,
     ),
@@ -268,7 +276,8 @@ FINDING_LEXICON: dict[str, FindingRule] = {
             r"(?:hilar|hila|hilum) (?:enlargement|prominence|fullness|adenopathy|lymphadenopathy)",
             r"(?:prominence|enlargement|fullness) (?:of )?(?:the )?(?:\w+ )?(?:hil\w+|mediastin\w+)",
             r"(?:prominent|enlarged|full|bulky) (?:\w+ )?(?:hil(?:a|um|ar)|pulmonary arter\w+|mediastin\w+)",
-            r"(?:hil(?:a|um)|pulmonary arter\w+|mediastinum) (?:is |are |appears? )?(?:\w+ )?(?:prominent|enlarged|widened|full)",
+            r"(?:hil(?:a|um)|pulmonary arter\w+|mediastinum) (?:is |are |appears? )?(?:\w+ )?"
+            r"(?:prominent|enlarged|widened|full)",
             r"(?:lymph)?adenopathy",
             r"mediastinal widening|widen\w+ (?:of the )?mediastinum",
             r"pulmonary (?:arterial )?hypertension",
@@ -505,12 +514,13 @@ UNCERTAINTY_POST: tuple[str, ...] = (
     r"(?:is|are) (?:also )?(?:possible|questioned|suspected|not excluded)",
     r"not excluded",
 )
-# "versus" / "vs" / "or" between alternatives hedges both sides of the clause.
+# "versus" / "vs" between alternatives hedges both sides of the clause.
 UNCERTAINTY_BIDIRECTIONAL: tuple[str, ...] = (r"\bversus\b", r"\bvs\.?(?=\s)", r"\bvs\b")
 
 NEGATION_PRE: tuple[str, ...] = (
     r"no evidence (?:of|for)",
-    r"no (?:radiographic |x-?ray |definite |convincing |significant |acute |focal )*(?:evidence|signs?|findings?) (?:of|for|to suggest)",
+    r"no (?:radiographic |x-?ray |definite |convincing |significant |acute |focal )*"
+    r"(?:evidence|signs?|findings?) (?:of|for|to suggest)",
     r"negative for",
     r"free of",
     r"clear of",
@@ -536,7 +546,8 @@ NEGATION_PRE: tuple[str, ...] = (
     r"no longer",
 )
 NEGATION_POST: tuple[str, ...] = (
-    r"(?:is|are|was|were) not (?:\w+ )?(?:seen|identified|visualized|appreciated|present|evident|demonstrated|noted|detected|apparent|visible)",
+    r"(?:is|are|was|were) not (?:\w+ )?"
+    r"(?:seen|identified|visualized|appreciated|present|evident|demonstrated|noted|detected|apparent|visible)",
     r"not (?:\w+ )?(?:seen|identified|visualized|appreciated|demonstrated|detected|present|evident|visible)",
     r"(?:has|have) (?:\w+ )?resolved",
     r"(?:has|have) (?:\w+ )?cleared",

@@ -15,6 +15,7 @@ preamble) without editing them; the writers produce a ``datasets`` column and th
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -23,6 +24,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .resumable import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,24 @@ def normalize_report_text(text: str) -> str:
     return " ".join(str(text).split()).lower()
 
 
+def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Defaults for inference: CUDA when available, bfloat16 on CUDA and float32 on CPU.
+
+    Args:
+        device: explicit torch device (or its name), or None.
+        dtype: explicit torch dtype, or None.
+
+    Returns:
+        ``(torch.device, torch.dtype)``.
+    """
+    import torch
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hugging Face image-text-to-text generator
 # --------------------------------------------------------------------------------------------------------------
@@ -84,14 +105,11 @@ class HFPseudoReportGenerator:
         device: Any = None,
         generation_kwargs: dict | None = None,
     ):
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.prompt = prompt
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
@@ -104,7 +122,11 @@ class HFPseudoReportGenerator:
         self.model.to(self.device).eval()
 
     def build_conversation(self, image: Any) -> list[dict]:
-        """Chat messages for one image: optional system turn, then the instruction and the image in one user turn."""
+        """Chat messages for one image: optional system turn, then the instruction and the image in one user turn.
+
+        Args:
+            image: a PIL image.
+        """
         messages = []
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
@@ -182,14 +204,12 @@ class CLIPImageEmbedder:
 
     def __init__(self, vision_model_path: str | os.PathLike, batch_size: int = 32, pooling: str = "mean_patch",
                  device: Any = None):
-        import torch
         from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
         path = Path(vision_model_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found (expected a CLIPVisionModel folder)")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device, _ = resolve_device_dtype(device)
         self.model = CLIPVisionModel.from_pretrained(str(path)).to(self.device).eval()
         self.model.requires_grad_(False)
         if (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file():
@@ -197,12 +217,20 @@ class CLIPImageEmbedder:
         else:
             size = self.model.config.image_size
             logger.warning("%s has no image-processor config; using CLIPImageProcessorPil at %d px", path, size)
-            self.processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            self.processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                   crop_size={"height": size, "width": size})
         self.batch_size = batch_size
         self.pooling = pooling
 
     def __call__(self, images: Sequence[Any]) -> Any:
-        """(len(images), hidden_size) float32 CPU tensor of pooled ``last_hidden_state`` tokens."""
+        """Embed PIL images.
+
+        Args:
+            images: PIL images (converted to RGB).
+
+        Returns:
+            A (len(images), hidden_size) float32 CPU tensor of pooled ``last_hidden_state`` tokens.
+        """
         import torch
 
         chunks = []
@@ -215,6 +243,37 @@ class CLIPImageEmbedder:
         if not chunks:
             return torch.zeros(0, self.model.config.hidden_size)
         return torch.cat(chunks)
+
+    def embed_files(self, paths: Sequence[str | os.PathLike]) -> Any:
+        """Embed image files, opening only ``batch_size`` of them at a time (a training split can be large).
+
+        Args:
+            paths: image files.
+
+        Returns:
+            A (len(paths), hidden_size) float32 CPU tensor.
+
+        Raises:
+            FileNotFoundError / PIL.UnidentifiedImageError: a file is missing or not an image (names the file).
+        """
+        import torch
+
+        chunks = [self([load_rgb_image(p) for p in paths[start:start + self.batch_size]])
+                  for start in range(0, len(paths), self.batch_size)]
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.hidden_size)
+
+
+def load_rgb_image(path: str | os.PathLike) -> Any:
+    """Open an image file fully (so the file handle is closed) and convert it to RGB.
+
+    Args:
+        path: image file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
 
 
 class RetrievalPseudoReportGenerator:
@@ -258,7 +317,8 @@ class RetrievalPseudoReportGenerator:
         self._train_norm = norm
         self._id_to_row = {s: i for i, s in enumerate(self.train_ids)}
 
-    def retrieve(self, embeddings: Any, ids: Sequence[str], own_reports: Sequence[str | None] | None = None) -> list[dict]:
+    def retrieve(self, embeddings: Any, ids: Sequence[str],
+                 own_reports: Sequence[str | None] | None = None) -> list[dict]:
         """Retrieve a report for each query film.
 
         Args:
@@ -317,8 +377,9 @@ class RetrievalPseudoReportGenerator:
                                 "similarity": sim, "votes": best})
         return results
 
-    def generate(self, embeddings: Any, ids: Sequence[str], own_reports: Sequence[str | None] | None = None) -> list[str]:
-        """The retrieved report texts only (see :meth:`retrieve`)."""
+    def generate(self, embeddings: Any, ids: Sequence[str],
+                 own_reports: Sequence[str | None] | None = None) -> list[str]:
+        """The retrieved report texts only; arguments as for :meth:`retrieve`."""
         return [r["report"] for r in self.retrieve(embeddings, ids, own_reports)]
 
 
@@ -391,6 +452,8 @@ def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | No
                          limit: int | None = None) -> list[dict]:
     """Rows of ``<data_dir>/metadata.csv`` (qdistill_folder layout) with absolute ``image_file``/``report_file``.
 
+    ``report_file`` is None when the row's ``report_path`` is empty (a film without a report).
+
     Args:
         data_dir: folder holding ``metadata.csv``; ``image_path``/``report_path`` are relative to it.
         splits: keep only these splits (None: all).
@@ -420,20 +483,35 @@ def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | No
             seen.add(sid)
             if splits is not None and row["split"] not in splits:
                 continue
+            report_path = (row["report_path"] or "").strip()
             rows.append({**row, "study_id": sid, "image_file": str(data_dir / row["image_path"]),
-                         "report_file": str(data_dir / row["report_path"])})
+                         "report_file": str(data_dir / report_path) if report_path else None})
     return rows[:limit] if limit is not None else rows
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Writers / readers
 # --------------------------------------------------------------------------------------------------------------
-def reports_from_records(records: Sequence[Mapping[str, Any]], field: str = "pseudo_report") -> dict[str, str]:
-    """``{study_id: text}`` from runner records (e.g. the merged JSONL)."""
+def reports_from_records(records: Sequence[Mapping[str, Any]], field: str = "pseudo_report",
+                         source: str = "records") -> dict[str, str]:
+    """``{study_id: text}`` from runner records (e.g. the merged JSONL).
+
+    Args:
+        records: dicts with ``study_id`` and ``field``.
+        field: the text field.
+        source: name of where the records came from, for error messages (e.g. the file path).
+
+    Raises:
+        ValueError: a record lacks a field or its text is not a string (names the source and record).
+    """
     out = {}
     for i, rec in enumerate(records):
-        if "study_id" not in rec or field not in rec:
-            raise ValueError(f"record {i} lacks 'study_id' or '{field}'")
+        for name in ("study_id", field):
+            if name not in rec:
+                raise ValueError(f"{source}: record {i} has no '{name}' field")
+        if not isinstance(rec[field], str):
+            raise ValueError(f"{source}: record {i} ({rec['study_id']}): '{field}' is "
+                             f"{type(rec[field]).__name__}, not str")
         out[str(rec["study_id"])] = rec[field]
     return out
 
@@ -469,6 +547,7 @@ def write_medgemma_layout(out_dir: str | os.PathLike, reports: Mapping[str, str]
 
     ``<out_dir>/<study_id>_medgemma_report.txt`` per study plus ``metadata.csv`` with columns
     ``study_id, medgemma_report_path, split`` (paths relative to ``out_dir``), rows in ``reports`` order.
+    Every file is replaced atomically, so a kill at any point leaves each file old or new, never torn.
 
     Args:
         out_dir: destination folder (created).
@@ -483,25 +562,29 @@ def write_medgemma_layout(out_dir: str | os.PathLike, reports: Mapping[str, str]
     missing = [s for s in reports if s not in splits]
     if missing:
         raise ValueError(f"no split for {len(missing)} studies, e.g. {missing[:5]}")
-    rows = []
+    unsafe = [s for s in reports if not re.fullmatch(r"[\w.\-]+", s)]
+    if unsafe:
+        raise ValueError(f"study_id {unsafe[0]!r} is not a safe file name ({len(unsafe)} such ids)")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["study_id", "medgemma_report_path", "split"], lineterminator="\n")
+    writer.writeheader()
     for sid, text in reports.items():
-        if not re.fullmatch(r"[\w.\-]+", sid):
-            raise ValueError(f"study_id {sid!r} is not a safe file name")
         rel = f"{sid}_medgemma_report.txt"
-        (out_dir / rel).write_text(text, encoding="utf-8")
-        rows.append({"study_id": sid, "medgemma_report_path": rel, "split": splits[sid]})
-    meta = out_dir / "metadata.csv"
-    tmp = meta.with_name("metadata.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["study_id", "medgemma_report_path", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, meta)
-    return meta
+        atomic_write_text(out_dir / rel, text)
+        writer.writerow({"study_id": sid, "medgemma_report_path": rel, "split": splits[sid]})
+    return atomic_write_text(out_dir / "metadata.csv", buffer.getvalue())
 
 
 def read_medgemma_layout(out_dir: str | os.PathLike) -> dict[str, str]:
-    """Read ``{study_id: report}`` back from a ``medgemma_reports/`` folder written by :func:`write_medgemma_layout`."""
+    """Read ``{study_id: report}`` back from a folder written by :func:`write_medgemma_layout`.
+
+    Args:
+        out_dir: the ``medgemma_reports/`` folder.
+
+    Raises:
+        FileNotFoundError: ``metadata.csv`` or a listed report file is missing (names the row).
+        ValueError: a row has an empty ``study_id`` (names the row).
+    """
     out_dir = Path(out_dir)
     meta = out_dir / "metadata.csv"
     if not meta.is_file():
@@ -509,8 +592,10 @@ def read_medgemma_layout(out_dir: str | os.PathLike) -> dict[str, str]:
     reports = {}
     with open(meta, newline="", encoding="utf-8") as fh:
         for lineno, row in enumerate(csv.DictReader(fh), start=2):
+            if not row.get("study_id"):
+                raise ValueError(f"{meta}: row {lineno}: empty study_id")
             path = out_dir / (row.get("medgemma_report_path") or "")
-            if not row.get("study_id") or not path.is_file():
+            if not path.is_file():
                 raise FileNotFoundError(f"{meta}: row {lineno}: medgemma_report_path {str(path)!r} not found")
             reports[row["study_id"]] = path.read_text(encoding="utf-8")
     return reports
@@ -525,10 +610,12 @@ __all__ = [
     "RetrievalPseudoReportGenerator",
     "add_pseudo_report_column",
     "image_embeddings_from_features",
+    "load_rgb_image",
     "normalize_report_text",
     "quality_summary",
     "read_folder_metadata",
     "read_medgemma_layout",
     "reports_from_records",
+    "resolve_device_dtype",
     "write_medgemma_layout",
 ]

@@ -2,6 +2,7 @@
 
 Layout under ``out_dir``::
 
+    run_info.json                        what produced the outputs (generator, model, prompt...); checked on resume
     parts/part-<rank>-of-<world>.jsonl   one JSON object per finished study, appended + fsync'ed
     parts/errors-<rank>.jsonl            one JSON object per failed attempt (never an output)
     <merged_name>                        every finished study exactly once, in input order
@@ -16,13 +17,17 @@ Guarantees:
   study stays pending, so the next run retries it. Error text never reaches an output line.
 * Sharding is a deterministic strided split of the *full* input list (``items[rank::world]``), computed before
   looking at finished work, so every process agrees on ownership even while others are writing.
+* A rerun whose ``run_info`` differs from the recorded one (another model, prompt...) is refused, so outputs
+  of two configurations are never mixed in one folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +36,18 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PARTS_DIRNAME = "parts"
+RUN_INFO_NAME = "run_info.json"
 
 BatchFn = Callable[[list[dict]], Sequence[Any]]
 
 
 @dataclass
 class RunSummary:
-    """What one call of :func:`run_resumable` did on this process."""
+    """What one call of :func:`run_resumable` did on this process.
+
+    ``merged_path`` is set only on the process that wrote the merged file (the single process, or the main
+    process under ``accelerate launch``): that process alone should post-process the merged output.
+    """
 
     rank: int
     world_size: int
@@ -45,60 +55,108 @@ class RunSummary:
     n_shard: int
     n_skipped: int
     n_done: int
-    n_failed: int
     part_path: Path
     errors_path: Path
     merged_path: Path | None = None
     failed_ids: list[str] = field(default_factory=list)
 
+    @property
+    def n_failed(self) -> int:
+        """Number of studies that failed in this call (see ``failed_ids``)."""
+        return len(self.failed_ids)
+
 
 def part_path(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """Path of the output part written by ``rank`` out of ``world_size`` processes."""
+    """Path of the output part written by ``rank`` out of ``world_size`` processes.
+
+    Args:
+        out_dir: the runner's output folder.
+        rank: process index.
+        world_size: number of processes.
+    """
     return Path(out_dir) / PARTS_DIRNAME / f"part-{rank:05d}-of-{world_size:05d}.jsonl"
 
 
 def errors_path(out_dir: str | os.PathLike, rank: int) -> Path:
-    """Path of the failure log written by ``rank``."""
+    """Path of the failure log written by ``rank``.
+
+    Args:
+        out_dir: the runner's output folder.
+        rank: process index.
+    """
     return Path(out_dir) / PARTS_DIRNAME / f"errors-{rank:05d}.jsonl"
 
 
-def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Read a JSONL file written by this runner, tolerating a torn trailing line.
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a fsync'ed temporary file and ``os.replace``.
+
+    A reader (or a rerun after a kill) sees either the old file or the complete new one, never a torn file.
 
     Args:
-        path: the file; a missing file reads as empty.
-        repair: when True, truncate a torn (newline-less) trailing line from the file so appends start on a
-            clean line boundary.
+        path: destination file (its folder must exist).
+        text: UTF-8 content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False, strict: bool = False) -> list[dict]:
+    """Read a JSONL file of JSON objects.
+
+    Two modes: files written by this runner (default) may end in a torn line left by a killed process, which
+    is ignored (and truncated with ``repair=True``); a missing file reads as empty and blank lines are skipped.
+    With ``strict=True`` (files written by people or other tools) a missing file, a blank line or a bad last
+    line is an error, and a last line without a trailing newline is an ordinary line.
+
+    Args:
+        path: the file.
+        repair: runner mode only: truncate a torn (newline-less) trailing line from the file so appends start
+            on a clean line boundary.
+        strict: see above.
 
     Returns:
-        The parsed objects of every complete line.
+        The parsed objects, in file order.
 
     Raises:
-        ValueError: a complete line (one that ends in a newline) is not a JSON object; the message names the
-            file and line number.
+        FileNotFoundError: ``strict`` and the file does not exist.
+        ValueError: a line is not a JSON object (or is blank, when ``strict``); the message is
+            ``<path>:<line>: ...``.
     """
     path = Path(path)
     if not path.is_file():
+        if strict:
+            raise FileNotFoundError(f"JSONL file not found: {path}")
         return []
     data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1  # 0 when there is no newline at all
-    if cut < len(data):
-        logger.warning("%s: ignoring torn trailing line (%d bytes) from an interrupted run", path, len(data) - cut)
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(cut)
-                fh.flush()
-                os.fsync(fh.fileno())
+    if strict:
+        cut = len(data)
+    else:
+        cut = data.rfind(b"\n") + 1  # 0 when there is no newline at all
+        if cut < len(data):
+            logger.warning("%s: ignoring torn trailing line (%d bytes) from an interrupted run", path, len(data) - cut)
+            if repair:
+                with open(path, "r+b") as fh:
+                    fh.truncate(cut)
+                    fh.flush()
+                    os.fsync(fh.fileno())
     records = []
     for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), start=1):
         if not line.strip():
+            if strict:
+                raise ValueError(f"{path}:{lineno}: blank line")
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}: line {lineno} is not a JSON object")
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
     return records
 
@@ -118,6 +176,9 @@ def load_finished(out_dir: str | os.PathLike, merged_name: str, key: str = "stud
         out_dir: the runner's output folder.
         merged_name: file name of the merged output inside ``out_dir``.
         key: the id field.
+
+    Raises:
+        ValueError: a record has no ``key`` field (the message names the file and line).
     """
     out_dir = Path(out_dir)
     finished: dict[str, dict] = {}
@@ -125,24 +186,40 @@ def load_finished(out_dir: str | os.PathLike, merged_name: str, key: str = "stud
     for src in sources:
         for lineno, rec in enumerate(read_jsonl(src), start=1):
             if key not in rec:
-                raise ValueError(f"{src}: record {lineno} has no '{key}' field")
+                raise ValueError(f"{src}:{lineno}: record has no '{key}' field")
             finished.setdefault(str(rec[key]), rec)
     return finished
 
 
-def load_errors(out_dir: str | os.PathLike) -> dict[str, dict]:
-    """Latest failure record per study id across every ``errors-*.jsonl`` under ``out_dir``."""
+def load_errors(out_dir: str | os.PathLike, key: str = "study_id") -> dict[str, dict]:
+    """Latest failure record per study id across every ``errors-*.jsonl`` under ``out_dir``.
+
+    Args:
+        out_dir: the runner's output folder.
+        key: the id field.
+
+    Raises:
+        ValueError: a record has no ``key`` field (the message names the file and line).
+    """
     latest: dict[str, dict] = {}
     for src in sorted((Path(out_dir) / PARTS_DIRNAME).glob("errors-*.jsonl")):
-        for rec in read_jsonl(src):
-            sid = str(rec.get("study_id"))
+        for lineno, rec in enumerate(read_jsonl(src), start=1):
+            if key not in rec:
+                raise ValueError(f"{src}:{lineno}: record has no '{key}' field")
+            sid = str(rec[key])
             if sid not in latest or rec.get("attempt", 0) >= latest[sid].get("attempt", 0):
                 latest[sid] = rec
     return latest
 
 
 def shard_items(items: Sequence[dict], rank: int, world_size: int) -> list[dict]:
-    """Deterministic strided shard ``items[rank::world_size]``."""
+    """Deterministic strided shard ``items[rank::world_size]``.
+
+    Args:
+        items: the full input list.
+        rank: process index, ``0 <= rank < world_size``.
+        world_size: number of processes.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid shard: rank={rank}, world_size={world_size}")
     return list(items[rank::world_size])
@@ -176,19 +253,54 @@ def get_shard_info(rank: int | None = None, world_size: int | None = None) -> tu
     return state.process_index, state.num_processes, state
 
 
-def finish_distributed(state: Any) -> None:
-    """Barrier + ``destroy_process_group`` at the end of a launched script (avoids a flaky abort at exit).
+def finish_distributed() -> None:
+    """Barrier + ``destroy_process_group`` at the end of a launched script; a no-op without a process group.
 
-    Args:
-        state: the ``PartialState`` from :func:`get_shard_info`, or None (no-op).
+    Without both, a multi-process run aborts at exit now and then (HF_NOTES §6).
     """
-    if state is None or state.num_processes == 1:
-        return
     import torch.distributed as dist
 
-    state.wait_for_everyone()
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    """Add the runner's command-line options: ``--batch_size``, ``--rank``, ``--world_size``.
+
+    Args:
+        parser: the script's parser.
+        batch_size: default of ``--batch_size``.
+    """
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="studies per batch")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="explicit shard index (with --world_size, e.g. a SLURM array); default: accelerate")
+    parser.add_argument("--world_size", type=int, default=None, help="explicit number of shards (with --rank)")
+
+
+def check_run_info(out_dir: str | os.PathLike, run_info: dict) -> None:
+    """Record ``run_info`` in ``out_dir/run_info.json`` on the first run; refuse a rerun with a different one.
+
+    Concurrent processes of one run write identical content atomically, so the order does not matter.
+
+    Args:
+        out_dir: the runner's output folder (must exist).
+        run_info: JSON-serialisable description of what produces the outputs.
+
+    Raises:
+        ValueError: the recorded description differs; the message names the differing fields.
+    """
+    path = Path(out_dir) / RUN_INFO_NAME
+    current = json.loads(json.dumps(run_info))
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != current:
+            fields = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            raise ValueError(f"{path}: this folder holds outputs of another configuration (fields {fields} differ: "
+                             f"recorded {[recorded.get(k) for k in fields]}, now {[current.get(k) for k in fields]}); "
+                             "use another output folder")
+        return
+    atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def merge_parts(
@@ -210,21 +322,9 @@ def merge_parts(
     """
     out_dir = Path(out_dir)
     finished = load_finished(out_dir, merged_name, key=key)
-    ordered: list[str] = []
-    seen: set[str] = set()
-    for sid in list(order) + list(finished):
-        sid = str(sid)
-        if sid in finished and sid not in seen:
-            seen.add(sid)
-            ordered.append(sid)
-    merged = out_dir / merged_name
-    tmp = merged.with_name(merged.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for sid in ordered:
-            fh.write(json.dumps(finished[sid], ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, merged)
+    ordered = list(dict.fromkeys([sid for sid in map(str, order) if sid in finished] + list(finished)))
+    merged = atomic_write_text(out_dir / merged_name,
+                               "".join(json.dumps(finished[sid], ensure_ascii=False) + "\n" for sid in ordered))
     logger.info("merged %d studies into %s", len(ordered), merged)
     return merged
 
@@ -233,14 +333,27 @@ def _process_with_fallback(fn: BatchFn, batch: list[dict]) -> list[Any]:
     """Run ``fn`` on a batch; if the whole batch raises, retry item by item so one bad item fails alone."""
     try:
         results = list(fn(batch))
-    except Exception as exc:  # noqa: BLE001 - any failure of user code becomes a recorded error
+    except Exception as exc:  # noqa: BLE001 - recorded per study in the errors file, on purpose
         if len(batch) == 1:
             return [exc]
-        logger.warning("batch of %d failed (%s: %s); retrying one item at a time", len(batch), type(exc).__name__, exc)
+        logger.warning("batch of %d failed (%s: %s); retrying one item at a time", len(batch), type(exc).__name__,
+                       exc)
         return [_process_with_fallback(fn, [item])[0] for item in batch]
     if len(results) != len(batch):
         raise ValueError(f"batch function returned {len(results)} results for {len(batch)} items")
     return results
+
+
+def _validated_ids(items: Sequence[dict], key: str) -> list[str]:
+    ids = []
+    for i, item in enumerate(items):
+        if key not in item:
+            raise ValueError(f"item {i} has no '{key}' field")
+        ids.append(str(item[key]))
+    dup = sorted(s for s, c in Counter(ids).items() if c > 1)
+    if dup:
+        raise ValueError(f"duplicate {key} values in input: {dup[:5]}")
+    return ids
 
 
 def run_resumable(
@@ -255,6 +368,7 @@ def run_resumable(
     merged_name: str = "merged.jsonl",
     merge: bool = True,
     max_attempts: int | None = None,
+    run_info: dict | None = None,
 ) -> RunSummary:
     """Process every pending item of this process's shard, appending one JSON line per finished study.
 
@@ -272,28 +386,24 @@ def run_resumable(
         world_size: explicit number of shards.
         merged_name: file name of the merged output inside ``out_dir``.
         merge: merge parts when done. Under accelerate the main process merges after ``wait_for_everyone()``;
-            with explicit rank/world_size only a single-shard run (world_size == 1) merges, otherwise call
-            :func:`merge_parts` once every shard has finished.
+            with explicit rank/world_size only a single-shard run (world_size == 1) merges, otherwise rerun
+            with world_size 1 (which redoes nothing finished) or call :func:`merge_parts` once every shard
+            has finished.
         max_attempts: studies whose recorded failures reach this count are skipped (left unfinished)
             instead of retried; None retries every failure on every run.
+        run_info: description of what produces the outputs; see :func:`check_run_info`.
 
     Returns:
         A :class:`RunSummary` for this process.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = []
-    for i, item in enumerate(items):
-        if key not in item:
-            raise ValueError(f"item {i} has no '{key}' field")
-        ids.append(str(item[key]))
-    if len(set(ids)) != len(ids):
-        dup = sorted({s for s in ids if ids.count(s) > 1})[:5]
-        raise ValueError(f"duplicate {key} values in input: {dup}")
-
+    ids = _validated_ids(items, key)
     rank, world_size, state = get_shard_info(rank, world_size)
     out_dir = Path(out_dir)
     (out_dir / PARTS_DIRNAME).mkdir(parents=True, exist_ok=True)
+    if run_info is not None:
+        check_run_info(out_dir, run_info)
     my_part = part_path(out_dir, rank, world_size)
     my_errors = errors_path(out_dir, rank)
     # Repair only our own files: other processes may be appending to theirs right now.
@@ -302,15 +412,9 @@ def run_resumable(
 
     shard = shard_items(items, rank, world_size)
     finished = load_finished(out_dir, merged_name, key=key)
-    errors = load_errors(out_dir)
-    pending = []
-    for item in shard:
-        sid = str(item[key])
-        if sid in finished:
-            continue
-        if max_attempts is not None and errors.get(sid, {}).get("attempt", 0) >= max_attempts:
-            continue
-        pending.append(item)
+    errors = load_errors(out_dir, key=key)
+    pending = [item for item in shard if str(item[key]) not in finished
+               and (max_attempts is None or errors.get(str(item[key]), {}).get("attempt", 0) < max_attempts)]
     n_skipped = len(shard) - len(pending)
     logger.info("rank %d/%d: %d items in shard, %d already done or given up, %d pending",
                 rank, world_size, len(shard), n_skipped, len(pending))
@@ -318,8 +422,7 @@ def run_resumable(
     n_done, failed_ids = 0, []
     for start in range(0, len(pending), batch_size):
         batch = pending[start:start + batch_size]
-        results = _process_with_fallback(process_batch, batch)
-        for item, res in zip(batch, results):
+        for item, res in zip(batch, _process_with_fallback(process_batch, batch)):
             sid = str(item[key])
             if isinstance(res, BaseException):
                 attempt = errors.get(sid, {}).get("attempt", 0) + 1
@@ -333,29 +436,69 @@ def run_resumable(
                 logger.warning("%s %s failed (attempt %d): %s: %s", key, sid, attempt, type(res).__name__, res)
                 continue
             if not isinstance(res, dict):
-                raise TypeError(f"process_batch returned {type(res).__name__} for {key} {sid}; expected dict or Exception")
+                raise TypeError(f"process_batch returned {type(res).__name__} for {key} {sid}; "
+                                "expected dict or Exception")
             if key in res and str(res[key]) != sid:
                 raise ValueError(f"process_batch returned {key}={res[key]!r} for item {sid!r}")
             _append_jsonl(my_part, {key: sid, **{k: v for k, v in res.items() if k != key}})
             n_done += 1
 
     merged = None
-    if merge:
-        if state is not None:
-            state.wait_for_everyone()
-            if state.is_main_process:
-                merged = merge_parts(out_dir, ids, merged_name, key=key)
-            state.wait_for_everyone()
-            merged = out_dir / merged_name
-        elif world_size == 1:
+    if merge and state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
             merged = merge_parts(out_dir, ids, merged_name, key=key)
+        # Nobody reads the merged file before it is complete.
+        state.wait_for_everyone()
+    elif merge and world_size == 1:
+        merged = merge_parts(out_dir, ids, merged_name, key=key)
     return RunSummary(rank=rank, world_size=world_size, n_items=len(items), n_shard=len(shard),
-                      n_skipped=n_skipped, n_done=n_done, n_failed=len(failed_ids), part_path=my_part,
-                      errors_path=my_errors, merged_path=merged, failed_ids=failed_ids)
+                      n_skipped=n_skipped, n_done=n_done, part_path=my_part, errors_path=my_errors,
+                      merged_path=merged, failed_ids=failed_ids)
+
+
+def run_from_args(
+    args: argparse.Namespace,
+    items: Sequence[dict],
+    process_batch: BatchFn,
+    out_dir: str | os.PathLike,
+    *,
+    merged_name: str,
+    run_info: dict,
+    on_merged: Callable[[Path], Any],
+) -> RunSummary:
+    """The command-line scripts' run: :func:`run_resumable` with the options of :func:`add_runner_arguments`.
+
+    ``on_merged(merged_path)`` runs on the merging process only (to write final outputs); every process ends
+    with :func:`finish_distributed`, also when something raised.
+
+    Args:
+        args: parsed arguments with ``batch_size``, ``rank`` and ``world_size``.
+        items: input records (see :func:`run_resumable`).
+        process_batch: see :func:`run_resumable`.
+        out_dir: output folder.
+        merged_name: merged file name inside ``out_dir``.
+        run_info: see :func:`check_run_info`.
+        on_merged: post-processing of the merged file.
+    """
+    try:
+        summary = run_resumable(items, process_batch, out_dir, batch_size=args.batch_size, rank=args.rank,
+                                world_size=args.world_size, merged_name=merged_name, run_info=run_info)
+        logger.info("rank %d/%d: %d done, %d failed, %d skipped", summary.rank, summary.world_size,
+                    summary.n_done, summary.n_failed, summary.n_skipped)
+        if summary.merged_path is not None:
+            on_merged(summary.merged_path)
+    finally:
+        finish_distributed()
+    return summary
 
 
 __all__ = [
+    "RUN_INFO_NAME",
     "RunSummary",
+    "add_runner_arguments",
+    "atomic_write_text",
+    "check_run_info",
     "errors_path",
     "finish_distributed",
     "get_shard_info",
@@ -364,6 +507,7 @@ __all__ = [
     "merge_parts",
     "part_path",
     "read_jsonl",
+    "run_from_args",
     "run_resumable",
     "shard_items",
 ]

@@ -22,6 +22,17 @@ SCRIPT = REPO_ROOT / "data_scripts" / "score_priority.py"
 VALID = '{"urgent": 1, "complexity": 4, "rationale": "Large right pneumothorax."}'
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10-100x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _cli_main(argv):
     spec = importlib.util.spec_from_file_location("score_priority_cli", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -54,6 +65,7 @@ def test_valid_json_parses():
         ('{"urgent": 1, "complexity": 3, "rationale": "x", "category": "u"}', r"unexpected key\(s\) \['category'\]"),
         (VALID + " or maybe " + VALID.replace("1,", "0,"), "found 2 JSON objects"),
         ("[1, 2]", "no JSON object found"),
+        ('{"urgent": 0, "urgent": 1, "complexity": 3, "rationale": "x"}', r"duplicate key\(s\) \['urgent'\]"),
     ],
 )
 def test_invalid_replies_raise(reply, message):
@@ -118,9 +130,20 @@ def test_unscored_studies_go_to_errors_file_not_outputs(tmp_path):
         {"study_id": "s1", "priority_label": "1", "complexity": "4", "split": "", "scorer": "llm"}]
 
 
-def test_write_priority_metadata_rejects_non_binary_label(tmp_path):
-    with pytest.raises(ValueError, match=r"record 0 \(a\): urgent must be 0 or 1, got -1"):
-        write_priority_metadata(tmp_path / "x.csv", [{"study_id": "a", "urgent": -1, "complexity": 1}], "llm")
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"study_id": "a", "urgent": -1, "complexity": 1}, r"record 0 \(a\): urgent must be 0 or 1, got -1"),
+        ({"study_id": "a", "urgent": True, "complexity": 1}, r"record 0 \(a\): urgent must be 0 or 1, got True"),
+        ({"study_id": "a", "urgent": 1, "complexity": 0}, r"record 0 \(a\): complexity must be an integer 1-5, got 0"),
+        ({"study_id": "a", "urgent": 1}, r"record 0 \(a\): complexity must be an integer 1-5, got None"),
+        ({"urgent": 1, "complexity": 3}, r"record 0: no 'study_id' field"),
+    ],
+)
+def test_write_priority_metadata_rejects_invalid_records(tmp_path, record, message):
+    with pytest.raises(ValueError, match=message):
+        write_priority_metadata(tmp_path / "x.csv", [record], "llm")
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_prompt_asks_for_strict_json():
@@ -135,8 +158,11 @@ SHORT_SYSTEM = "Triage."
 SHORT_TEMPLATE = "Report: {report}"
 
 
-def _tiny_chat_model(out, reply, reports):
-    """A tiny Llama chat model overfitted to answer ``reply`` to the priority prompt of ``reports`` (OFFLINE_RECIPES §2)."""
+def _tiny_chat_model(out, reply, reports, steps=80):
+    """A tiny Llama chat model overfitted to answer ``reply`` to the priority prompt of ``reports``.
+
+    Built as in OFFLINE_RECIPES §2; ``steps=0`` leaves it random.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -162,7 +188,7 @@ def _tiny_chat_model(out, reply, reports):
     batch = tok([p + reply + "<|im_end|>" for p in prompts], return_tensors="pt", padding=True)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(80):
+    for _ in range(steps):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
@@ -213,8 +239,41 @@ def test_score_priority_cli_llm_end_to_end(tmp_path, capsys):
     assert {r["priority_label"] for r in rows} == {"1"}
 
 
+def test_hf_chat_retries_are_seeded_and_leave_global_rng_alone(tmp_path):
+    import torch
+
+    from qdistill_hf.priority_llm import HFChatGenerate
+
+    model_dir = _tiny_chat_model(tmp_path / "chat", VALID, ["FINDINGS: clear."], steps=0)
+    gen = HFChatGenerate(model_dir, max_new_tokens=6, batch_size=2, retry_temperature=5.0)
+    convs = [build_priority_messages(r, SHORT_SYSTEM, SHORT_TEMPLATE) for r in ("a b", "FINDINGS: clear.")]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = gen(convs, attempt=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(999)  # the caller's RNG state does not matter, only seed + attempt
+    assert gen(convs, attempt=1) == first
+    gen.seed = 5
+    assert gen(convs, attempt=1) != first  # the retry really samples (temperature 5 on a random model)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        HFChatGenerate(model_dir, batch_size=0)
+
+
+def test_score_priority_cli_empty_report_is_unscored_not_labelled(tmp_path, capsys):
+    data = tmp_path / "data"
+    _folder(data)
+    (data / "reports" / "s1.txt").write_text(" \n")
+    assert _cli_main(["--data_dir", str(data), "--rank", "0", "--world_size", "1"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.rindex("}") + 1])
+    assert (summary["n_scored"], summary["n_unscored"]) == (2, 1)
+    rows = list(csv.DictReader(open(data / "priority_scores" / "priority_metadata.csv")))
+    assert [r["study_id"] for r in rows] == ["s0", "s2"]
+    err = load_errors(data / "priority_scores" / "runs" / "rules")["s1"]
+    assert err["error_type"] == "ValueError" and "s1.txt: empty report" in err["message"]
+
+
 def test_score_priority_cli_rules(tmp_path, capsys):
-    pytest.importorskip("qdistill_hf.priority_rules")
     data = tmp_path / "data"
     _folder(data)
     assert _cli_main(["--data_dir", str(data), "--scorer", "rules", "--rank", "0", "--world_size", "1"]) == 0

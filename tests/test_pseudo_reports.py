@@ -23,6 +23,7 @@ from qdistill_hf.pseudo_reports import (
     quality_summary,
     read_folder_metadata,
     read_medgemma_layout,
+    reports_from_records,
     write_medgemma_layout,
 )
 from qdistill_hf.resumable import part_path, read_jsonl
@@ -51,6 +52,17 @@ GEMMA3_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10-100x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 def build_tiny_gemma3(out):
     """Save a tiny random Gemma3ForConditionalGeneration + Gemma3Processor to ``out`` (OFFLINE_RECIPES §1)."""
@@ -71,7 +83,8 @@ def build_tiny_gemma3(out):
     bpe.normalizer = normalizers.Replace(" ", "▁")
     bpe.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
     corpus = ["findings: the lungs are clear", "impression: no acute cardiopulmonary process",
-              "small left pleural effusion", "cardiomegaly with mild edema", "you are a board-certified radiologist"] * 10
+              "small left pleural effusion", "cardiomegaly with mild edema",
+              "you are a board-certified radiologist"] * 10
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=200, special_tokens=specials,
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!-'\"()/▁\n")))
@@ -318,15 +331,21 @@ def test_generate_cli_hf_and_kill_resume(tiny_gemma3, tmp_path, capsys):
     assert json.loads((out / "quality_summary.json").read_text())["n"] == 24
 
 
-def test_generate_cli_retrieval(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    data = tmp_path / "data"
-    rows = _make_folder(data, n=6, n_train=4)
     torch.manual_seed(0)
-    vm = tmp_path / "clip"
+    vm = tmp_path_factory.mktemp("clip")
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      image_size=32, patch_size=8)).save_pretrained(vm)
+    return vm
+
+
+def test_generate_cli_retrieval(tmp_path, tiny_clip):
+    data = tmp_path / "data"
+    rows = _make_folder(data, n=6, n_train=4)
+    vm = tiny_clip
     out = tmp_path / "pr"
     assert _cli_main(["--data_dir", str(data), "--generator", "retrieval", "--vision_model", str(vm),
                       "--output_dir", str(out), "--batch_size", "4", "--rank", "0", "--world_size", "1"]) == 0
@@ -338,3 +357,50 @@ def test_generate_cli_retrieval(tmp_path):
         assert r["neighbour_id"] in train_ids and r["neighbour_id"] != r["study_id"]
         assert r["pseudo_report"] != own
         assert r["pseudo_report"] == (data / "reports" / f"{r['neighbour_id']}.txt").read_text()
+
+
+def test_generate_cli_unreadable_film_is_an_error_never_a_report_and_is_retried(tmp_path, tiny_clip, capsys):
+    data = tmp_path / "data"
+    rows = _make_folder(data, n=6, n_train=4)
+    good_png = (data / "images" / "st05.png").read_bytes()
+    (data / "images" / "st05.png").write_bytes(b"not a png")
+    out = tmp_path / "pr"
+    argv = ["--data_dir", str(data), "--vision_model", str(tiny_clip), "--output_dir", str(out),
+            "--rank", "0", "--world_size", "1"]
+    assert _cli_main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert json.loads(stdout[: stdout.rindex("}") + 1])["n_missing"] == 1
+    assert "['st05']" in stdout
+    assert [r["study_id"] for r in read_jsonl(out / "pseudo_reports.jsonl")] == [r["study_id"] for r in rows[:5]]
+    assert not (out / "st05_medgemma_report.txt").exists()
+    assert "st05" not in read_medgemma_layout(out)
+    (err,) = read_jsonl(out / "parts" / "errors-00000.jsonl")
+    assert err["study_id"] == "st05" and err["error_type"] == "UnidentifiedImageError" and err["attempt"] == 1
+    assert "st05.png" in err["message"]
+
+    # Repaired film: the next run retries only the failure and completes the layout in input order.
+    (data / "images" / "st05.png").write_bytes(good_png)
+    assert _cli_main(argv) == 0
+    merged = read_jsonl(out / "pseudo_reports.jsonl")
+    assert [r["study_id"] for r in merged] == [r["study_id"] for r in rows]
+    assert list(read_medgemma_layout(out)) == [r["study_id"] for r in rows]
+
+    # Resuming into the same folder with another retrieval setting would mix outputs: refused.
+    with pytest.raises(ValueError, match=r"fields \['k'\] differ"):
+        _cli_main(argv + ["--k", "3"])
+
+
+def test_generate_cli_retrieval_refuses_empty_training_report(tmp_path, tiny_clip):
+    data = tmp_path / "data"
+    _make_folder(data, n=4, n_train=2)
+    (data / "reports" / "st01.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"st01.txt: training study st01 has an empty or missing report"):
+        _cli_main(["--data_dir", str(data), "--vision_model", str(tiny_clip), "--output_dir", str(tmp_path / "o"),
+                   "--rank", "0", "--world_size", "1"])
+
+
+def test_reports_from_records_names_source_and_record():
+    with pytest.raises(ValueError, match=r"m.jsonl: record 1 has no 'pseudo_report' field"):
+        reports_from_records([{"study_id": "a", "pseudo_report": "x"}, {"study_id": "b"}], source="m.jsonl")
+    with pytest.raises(ValueError, match=r"record 0 \(a\): 'pseudo_report' is NoneType, not str"):
+        reports_from_records([{"study_id": "a", "pseudo_report": None}])

@@ -100,8 +100,8 @@ def test_failures_go_to_errors_file_and_are_retried(tmp_path):
     assert [r["study_id"] for r in _merged(tmp_path / "merged.jsonl")] == ["s000", "s002", "s003", "s005"]
     errs = read_jsonl(errors_path(tmp_path, 0))
     assert errs == [
-        {"study_id": "s001", "error_type": "RuntimeError", "message": "[ERROR: could not read image s001]", "attempt": 1},
-        {"study_id": "s004", "error_type": "RuntimeError", "message": "[ERROR: could not read image s004]", "attempt": 1},
+        {"study_id": sid, "error_type": "RuntimeError", "message": f"[ERROR: could not read image {sid}]", "attempt": 1}
+        for sid in ("s001", "s004")
     ]
     # Second run retries only the failures; they fail again and the attempt count grows.
     calls.clear()
@@ -155,7 +155,7 @@ def test_torn_trailing_line_is_ignored_and_repaired(tmp_path):
 def test_corrupt_complete_line_raises_with_location(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"study_id": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"x.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"x.jsonl:2: invalid JSON"):
         read_jsonl(p)
 
 
@@ -197,3 +197,80 @@ def test_exactly_once_after_sigkill_and_resume(tmp_path):
     rows = _merged(out / "merged.jsonl")
     assert [r["study_id"] for r in rows] == [it["study_id"] for it in items]
     assert [r["y"] for r in rows] == [i * 10 for i in range(60)]
+
+
+def test_rerun_with_another_configuration_is_refused(tmp_path):
+    items = _items(3)
+    run_resumable(items, _square, tmp_path, rank=0, world_size=1, run_info={"model": "a", "prompt": "p"})
+    # Same description: resumes (nothing to do).
+    again = run_resumable(items, _square, tmp_path, rank=0, world_size=1, run_info={"model": "a", "prompt": "p"})
+    assert again.n_skipped == 3
+    with pytest.raises(ValueError, match=r"run_info.json: .*fields \['model'\] differ: recorded \['a'\], now \['b'\]"):
+        run_resumable(items, _square, tmp_path, rank=0, world_size=1, run_info={"model": "b", "prompt": "p"})
+    assert len(_merged(tmp_path / "merged.jsonl")) == 3
+
+
+def test_custom_key_errors_are_counted_per_id(tmp_path):
+    items = [{"uid": "a"}, {"uid": "b"}]
+
+    def fail_b(batch):
+        return [RuntimeError("boom") if it["uid"] == "b" else {"ok": 1} for it in batch]
+
+    for _ in range(2):
+        run_resumable(items, fail_b, tmp_path, key="uid", rank=0, world_size=1)
+    assert load_errors(tmp_path, key="uid")["b"]["attempt"] == 2
+    s = run_resumable(items, fail_b, tmp_path, key="uid", rank=0, world_size=1, max_attempts=2)
+    assert s.n_skipped == 2 and s.n_done == 0
+    with pytest.raises(ValueError, match=r"errors-00000.jsonl:1: record has no 'study_id' field"):
+        load_errors(tmp_path)
+
+
+def test_strict_reader_for_hand_written_files(tmp_path):
+    p = tmp_path / "labels.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}')  # no trailing newline: an ordinary last line, not a torn one
+    assert read_jsonl(p, strict=True) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(p) == [{"a": 1}]
+    p.write_text('{"a": 1}\n\n{"a": 2}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: blank line"):
+        read_jsonl(p, strict=True)
+    p.write_text('{"a": 1}\n[1]\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: expected a JSON object, got list"):
+        read_jsonl(p)
+    with pytest.raises(FileNotFoundError, match="JSONL file not found"):
+        read_jsonl(tmp_path / "missing.jsonl", strict=True)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+ACCELERATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {root!r})
+    from qdistill_hf.resumable import finish_distributed, run_resumable
+
+    items = [{{"study_id": f"s{{i:03d}}", "x": i}} for i in range(9)]
+    s = run_resumable(items, lambda b: [{{"y": it["x"] * 2}} for it in b], sys.argv[1], batch_size=2)
+    with open(f"{{sys.argv[1]}}/summary-{{s.rank}}.json", "w") as fh:
+        json.dump({{"rank": s.rank, "world": s.world_size, "done": s.n_done, "merged": str(s.merged_path)}}, fh)
+    finish_distributed()
+    """
+)
+
+
+def test_accelerate_launch_shards_and_main_process_merges(tmp_path):
+    script = tmp_path / "launched.py"
+    script.write_text(ACCELERATE_SCRIPT.format(root=str(REPO_ROOT)))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # --cpu would silently start one process (HF_NOTES §6); --multi_gpu on a CPU machine gives gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = [json.loads((out / f"summary-{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["rank"], s["world"], s["done"]) for s in summaries] == [(0, 2, 5), (1, 2, 4)]
+    # Only the main process merged (and so only it post-processes).
+    assert summaries[0]["merged"] == str(out / "merged.jsonl") and summaries[1]["merged"] == "None"
+    assert [r["study_id"] for r in read_jsonl(part_path(out, 1, 2))] == ["s001", "s003", "s005", "s007"]
+    rows = _merged(out / "merged.jsonl")
+    assert [r["study_id"] for r in rows] == [f"s{i:03d}" for i in range(9)]
+    assert [r["y"] for r in rows] == [2 * i for i in range(9)]
