@@ -12,6 +12,8 @@ from .modeling_qdistill import (
     QDistillTeacherOutput,
     build_qformer_attention_mask,
 )
+from .processing_qdistill import QDistillImageProcessor, QDistillProcessor, register_processing_auto_classes
+from .tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
 
 
 __version__ = "0.1.0"
@@ -30,6 +32,27 @@ QDistillTeacherConfig.register_for_auto_class()
 QDistillStudentConfig.register_for_auto_class()
 QDistillTeacherModel.register_for_auto_class("AutoModel")
 QDistillStudentModel.register_for_auto_class("AutoModel")
+register_processing_auto_classes((QDistillTeacherConfig, QDistillStudentConfig))
+
+# Data tooling needs `datasets`/`accelerate`; it is imported on first use so `import qdistill_hf` stays light.
+_LAZY = {
+    "load_cxr_dataset": "data_cxr",
+    "DataCxr": "data_cxr",
+    "CxrBuilderConfig": "data_cxr",
+    "cache_image_features": "feature_cache",
+    "feature_fingerprint": "feature_cache",
+    "features_as_torch": "feature_cache",
+    "score_report": "priority_rules",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "QFormerConfig",
@@ -42,4 +65,10 @@ __all__ = [
     "QDistillTeacherOutput",
     "QDistillStudentOutput",
     "build_qformer_attention_mask",
+    "QDistillImageProcessor",
+    "QDistillProcessor",
+    "register_processing_auto_classes",
+    "train_report_tokenizer",
+    "build_report_tokenizer",
+    *_LAZY,
 ]

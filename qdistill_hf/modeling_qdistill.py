@@ -367,6 +367,10 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        # The frozen encoder's features are its raw residual stream (before `post_layernorm`), whose scale is
+        # uncontrolled (CLIP ViTs have outlier channels; the original clamped them to +-10). A learned LayerNorm
+        # normalises them once before every cross-attention, as a pre-LN decoder expects a normalised memory.
+        self.encoder_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
         self.encoder = QDistillQFormerEncoder(config)
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -437,7 +441,7 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         batch_size = hidden_states.shape[0]
         if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
+            encoder_hidden_states = self.encoder_norm(encoder_hidden_states.to(hidden_states.dtype))
 
         mask = None
         if attention_mask is not None and (attention_mode == "unimodal" and query_length > 0 or not attention_mask.all()):
