@@ -263,10 +263,22 @@ class QDistillQFormerLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        queries_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attn_out, self_weights = self.self_attn(
-            self.self_attn_norm(hidden_states), attention_mask=attention_mask, output_attentions=output_attentions
-        )
+        normed = self.self_attn_norm(hidden_states)
+        if queries_only:
+            # Only the query rows are computed: the text rows' attention and feed-forward would be discarded.
+            attn_out, self_weights = self.self_attn(
+                normed[:, :query_length],
+                key_value_states=normed,
+                attention_mask=None if attention_mask is None else attention_mask[:, :, :query_length],
+                output_attentions=output_attentions,
+            )
+            hidden_states = hidden_states[:, :query_length]
+        else:
+            attn_out, self_weights = self.self_attn(
+                normed, attention_mask=attention_mask, output_attentions=output_attentions
+            )
         hidden_states = hidden_states + self.dropout(attn_out)
         queries, text = hidden_states[:, :query_length], hidden_states[:, query_length:]
         cross_weights = None
@@ -290,20 +302,27 @@ class QDistillQFormerEncoder(nn.Module):
         self.layer = nn.ModuleList([QDistillQFormerLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions, output_hidden_states):
+    def forward(
+        self,
+        hidden_states,
+        query_length,
+        attention_mask,
+        encoder_hidden_states,
+        output_attentions,
+        output_hidden_states,
+        query_output_only=False,
+    ):
         all_hidden, all_self, all_cross = [], [], []
-        for layer in self.layer:
+        last = len(self.layer) - 1
+        for index, layer in enumerate(self.layer):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
+            args = (hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions,
+                    query_output_only and index == last)
             if self.gradient_checkpointing and self.training:
-                hidden_states, self_w, cross_w = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions,
-                    use_reentrant=False,
-                )
+                hidden_states, self_w, cross_w = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                hidden_states, self_w, cross_w = layer(
-                    hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions
-                )
+                hidden_states, self_w, cross_w = layer(*args)
             if output_attentions:
                 all_self.append(self_w)
                 if cross_w is not None:
@@ -405,6 +424,7 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mode: str = "bidirectional",
+        query_output_only: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -419,6 +439,8 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, image_tokens, encoder_hidden_size)`,
                 *optional*): image features the queries cross-attend to.
             attention_mode (`str`): `"bidirectional"` or `"unimodal"`, see [`build_qformer_attention_mask`].
+            query_output_only (`bool`): only the query outputs are needed. The last layer then skips the text rows
+                (their self-attention and feed-forward), which is exact for the queries; `text_output` is `None`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if query_embeds is None and input_ids is None:
@@ -452,13 +474,19 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             raise ValueError(f"Unknown attention mode {attention_mode!r}; expected one of {ATTENTION_MODES}.")
 
         hidden_states, all_hidden, all_self, all_cross = self.encoder(
-            hidden_states, query_length, mask, encoder_hidden_states, bool(output_attentions), bool(output_hidden_states)
+            hidden_states,
+            query_length,
+            mask,
+            encoder_hidden_states,
+            bool(output_attentions),
+            bool(output_hidden_states),
+            query_output_only,
         )
         hidden_states = self.final_norm(hidden_states)
         output = QDistillQFormerModelOutput(
             last_hidden_state=hidden_states,
             query_output=hidden_states[:, :query_length],
-            text_output=hidden_states[:, query_length:],
+            text_output=None if query_output_only else hidden_states[:, query_length:],
             hidden_states=tuple(all_hidden) + (hidden_states,) if output_hidden_states else None,
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions else None,
@@ -629,6 +657,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
                 attention_mask=pair_mask,
                 encoder_hidden_states=pair_images,
                 attention_mode="bidirectional",
+                query_output_only=True,
             ).query_output
             itm_logits = self.itm_head(query_pairs).mean(dim=1)
             query_bi = query_pairs[:batch_size]
@@ -740,6 +769,7 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             attention_mask=attention_mask,
             encoder_hidden_states=image_features,
             attention_mode="bidirectional",
+            query_output_only=True,
         ).query_output
         pooled = query_output.mean(dim=1)
         logits = self.classifier(self.classifier_dropout(pooled))

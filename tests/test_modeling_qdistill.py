@@ -86,6 +86,19 @@ class TestTeacher:
         bidirectional = qformer(query_embeds=queries, input_ids=ids, attention_mask=mask, encoder_hidden_states=features)
         assert not torch.allclose(bidirectional.query_output, alone_q, atol=1e-3)
 
+    def test_query_output_only_is_exact(self, teacher):
+        teacher.eval()
+        queries = teacher.query_tokens.expand(2, -1, -1)
+        ids = torch.tensor([[2, 11, 12, 3], [2, 21, 3, 0]])
+        kwargs = dict(query_embeds=queries, input_ids=ids, attention_mask=(ids != 0).long(),
+                      encoder_hidden_states=torch.randn(2, NUM_IMAGE_TOKENS, 32))
+        full = teacher.qformer(**kwargs, output_attentions=True)
+        fast = teacher.qformer(**kwargs, query_output_only=True, output_attentions=True)
+        assert fast.text_output is None and fast.last_hidden_state.shape == (2, 4, 32)
+        assert torch.allclose(fast.query_output, full.query_output, atol=1e-6)
+        assert torch.allclose(fast.attentions[-1], full.attentions[-1][:, :, :4], atol=1e-6)
+        assert torch.equal(fast.attentions[0], full.attentions[0])
+
     def test_itm_is_skipped_not_trained_on_positives_when_no_negative_exists(self, teacher):
         features = torch.randn(3, NUM_IMAGE_TOKENS, 32)
         same = torch.tensor([[2, 11, 3]] * 3)
