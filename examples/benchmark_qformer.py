@@ -126,7 +126,7 @@ def main():
         "achieved_tflops": round(flops_per_step / seconds / 1e12, 3),
         "matmul_peak_tflops": round(peak / 1e12, 3),
         "mfu": round(flops_per_step / seconds / peak, 4),
-        "final_loss": round(float(loss), 4),
+        "final_loss": round(float(loss.detach()), 4),
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
