@@ -1,6 +1,7 @@
 """Train the radiology-report tokenizer (WordPiece or BPE) used by the Q-DISTILL Q-Former text stream."""
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,10 +14,7 @@ logger = logging.getLogger(__name__)
 # Fixed ids: the model configs default to pad_token_id=0, and position 0 of every sequence is [CLS].
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_TOKEN_ID, UNK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, MASK_TOKEN_ID = range(len(SPECIAL_TOKENS))
-_ALGORITHMS = {
-    "wordpiece": (models.WordPiece, trainers.WordPieceTrainer),
-    "bpe": (models.BPE, trainers.BpeTrainer),
-}
+_ALGORITHMS = ("wordpiece", "bpe")
 _SUBWORD_PREFIX = "##"
 
 
@@ -38,9 +36,14 @@ def train_report_tokenizer(
     every text as `[CLS] ... [SEP]` (pairs as `[CLS] A [SEP] B [SEP]`), pads on the right and truncates to
     `model_max_length`. Special tokens have fixed ids: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4.
 
-    Reproducibility: the `tokenizers` trainers break ties between equally frequent merges in hash-map order, so two
-    trainings on the same corpus can give slightly different vocabularies and ids (measured: a few tokens of 600).
-    Train once and ship the saved tokenizer with the processor and the model; never retrain it to "reproduce" one.
+    Vocabularies:
+        - `"wordpiece"` (default, deterministic): every character of the corpus alphabet as a first piece and as a
+          `##` continuation piece, then whole words by decreasing frequency (at least `min_frequency`; ties broken
+          alphabetically) until `vocab_size`. Greedy longest-match WordPiece then encodes a known word as one token
+          and any other word of the alphabet as pieces, never `[UNK]`. The same corpus always gives the same ids.
+        - `"bpe"`: a BPE vocabulary learned by the `tokenizers` trainer. That trainer breaks ties between equally
+          frequent merges in hash-map order, so two trainings on one corpus can differ in a few tokens and ids: train
+          once and ship the saved tokenizer with the model.
 
     Args:
         texts (`Iterable[str]`): the training corpus, one report per item (read once into memory).
@@ -71,26 +74,40 @@ def train_report_tokenizer(
         alphabet.update(char for char in normalizer.normalize_str(text) if not char.isspace())
     if not alphabet:
         raise ValueError(f"The report corpus is empty ({len(corpus)} texts, none with a non-space character).")
-    minimum = len(SPECIAL_TOKENS) + len(alphabet)
+    # WordPiece holds every character twice: as a first piece and as a "##" continuation piece.
+    pieces_per_character = 2 if algorithm == "wordpiece" else 1
+    minimum = len(SPECIAL_TOKENS) + pieces_per_character * len(alphabet)
     if vocab_size < minimum:
         raise ValueError(
             f"vocab_size={vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens plus the "
-            f"{len(alphabet)}-character alphabet of the corpus; use at least {minimum}."
+            f"{len(alphabet)}-character alphabet of the corpus ({pieces_per_character} pieces per character for "
+            f"{algorithm}); use at least {minimum}."
         )
 
-    model_class, trainer_class = _ALGORITHMS[algorithm]
-    model = model_class(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX)
-    trainer = trainer_class(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        continuing_subword_prefix=_SUBWORD_PREFIX,
-        show_progress=False,
-    )
-    backend = Tokenizer(model)
-    backend.normalizer = normalizer
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if algorithm == "wordpiece":
+        backend = Tokenizer(
+            models.WordPiece(
+                _deterministic_wordpiece_vocab(corpus, normalizer, pre_tokenizer, alphabet, vocab_size, min_frequency),
+                unk_token="[UNK]",
+                continuing_subword_prefix=_SUBWORD_PREFIX,
+                max_input_chars_per_word=100,
+            )
+        )
+        backend.normalizer = normalizer
+        backend.pre_tokenizer = pre_tokenizer
+    else:
+        backend = Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix=_SUBWORD_PREFIX))
+        backend.normalizer = normalizer
+        backend.pre_tokenizer = pre_tokenizer
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            continuing_subword_prefix=_SUBWORD_PREFIX,
+            show_progress=False,
+        )
+        backend.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     vocab = backend.get_vocab()
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if vocab.get(token) != expected_id:
@@ -122,6 +139,24 @@ def train_report_tokenizer(
         len(alphabet),
     )
     return tokenizer
+
+
+def _deterministic_wordpiece_vocab(corpus, normalizer, pre_tokenizer, alphabet, vocab_size, min_frequency):
+    """Specials, the alphabet (first and `##` continuation pieces), then whole words by (-count, word)."""
+    counts = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    tokens = list(SPECIAL_TOKENS)
+    characters = sorted(alphabet)
+    tokens += characters + [_SUBWORD_PREFIX + char for char in characters]
+    known = set(tokens)
+    for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(tokens) >= vocab_size or count < min_frequency:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    return {token: index for index, token in enumerate(tokens)}
 
 
 def build_report_tokenizer(

@@ -168,6 +168,22 @@ def test_bpe_tokenizer_has_the_same_special_layout():
     assert bpe.decode(ids, skip_special_tokens=True) == "pleural effusion"
 
 
+def test_wordpiece_vocabulary_is_deterministic_and_never_unknown_in_alphabet():
+    corpus = ["No effusion. No effusion.", "Small effusion, no pneumothorax.", "Pneumothorax."]
+    first = train_report_tokenizer(corpus, vocab_size=60, min_frequency=1)
+    second = train_report_tokenizer(list(reversed(corpus)), vocab_size=60, min_frequency=1)
+    assert first.get_vocab() == second.get_vocab()
+    vocab = first.get_vocab()
+    # Specials, then the alphabet as first and continuation pieces, then words by (-count, word).
+    letters = sorted(set("noeffusionsmallpneumothorax,."))
+    assert [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])][5 : 5 + len(letters)] == letters
+    words = [token for token, index in sorted(vocab.items(), key=lambda kv: kv[1]) if index >= 5 + 2 * len(letters)]
+    assert words == ["effusion", "no", "pneumothorax", "small"]  # counts 3, 3, 2, 1; ties alphabetical
+    ids = first("Effusions")["input_ids"]  # an unseen word of the alphabet: pieces, not [UNK]
+    assert 1 not in ids and first.decode(ids, skip_special_tokens=True) == "effusions"
+    assert ids[1] == vocab["effusion"] and len(ids) == 4
+
+
 def test_tokenizer_trainer_rejects_bad_corpora():
     with pytest.raises(ValueError, match="corpus is empty"):
         train_report_tokenizer([])
@@ -175,8 +191,10 @@ def test_tokenizer_trainer_rejects_bad_corpora():
         train_report_tokenizer(["   ", ""])
     with pytest.raises(ValueError, match="Report 1 of the corpus is a NoneType"):
         train_report_tokenizer(["ok", None])
+    with pytest.raises(ValueError, match=r"\(2 pieces per character for wordpiece\); use at least 13"):
+        train_report_tokenizer(["abcd"], vocab_size=12)
     with pytest.raises(ValueError, match="use at least 9"):
-        train_report_tokenizer(["abcd"], vocab_size=8)
+        train_report_tokenizer(["abcd"], vocab_size=8, algorithm="bpe")
     with pytest.raises(ValueError, match="algorithm must be one of"):
         train_report_tokenizer(["abcd"], algorithm="unigram")
 
