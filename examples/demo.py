@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -157,6 +158,7 @@ def main():
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     output_dir = Path(args.output_dir)
     started = time.perf_counter()
 

@@ -137,6 +137,12 @@ class QDistillTeacherOutput(ModelOutput):
             report encoded alone.
         image_features (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`): the
             frozen encoder's `last_hidden_state` that the queries cross-attended to.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`): self-attention
+            probabilities of each Q-Former layer in the bidirectional (image + report, positive pairs) pass, `(batch_size, num_heads, rows, keys)`;
+            the last layer keeps the query rows only.
+        cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`): the
+            queries' attention over the image tokens in each cross-attention layer, `(batch_size, num_heads,
+            num_queries, image_tokens)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -154,6 +160,8 @@ class QDistillTeacherOutput(ModelOutput):
     query_output_bidirectional: torch.FloatTensor | None = None
     text_output: torch.FloatTensor | None = None
     image_features: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -168,6 +176,12 @@ class QDistillStudentOutput(ModelOutput):
         query_output (`torch.FloatTensor` of shape `(batch_size, num_queries, hidden_size)`): the student's queries.
         image_features (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, vision_hidden_size)`): the
             frozen encoder's `last_hidden_state`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`): self-attention
+            probabilities of each Q-Former layer in the student's pass, `(batch_size, num_heads, rows, keys)`;
+            the last layer keeps the query rows only.
+        cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`): the
+            queries' attention over the image tokens in each cross-attention layer, `(batch_size, num_heads,
+            num_queries, image_tokens)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -176,6 +190,8 @@ class QDistillStudentOutput(ModelOutput):
     projected_output: torch.FloatTensor | None = None
     query_output: torch.FloatTensor | None = None
     image_features: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class QDistillAttention(nn.Module):
@@ -583,6 +599,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         return_loss: bool | None = None,
         positive_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> QDistillTeacherOutput | tuple:
         r"""
@@ -599,6 +616,8 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             positive_mask (`torch.BoolTensor` of shape `(batch_size, batch_size)`, *optional*): which image-report
                 pairs are positives. Defaults to pairs with identical reports.
             generator (`torch.Generator`, *optional*): makes the ITM hard-negative draw reproducible.
+            output_attentions (`bool`, *optional*): also return the attention probabilities of the bidirectional
+                pass over the positive pairs (computed by the eager path).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         image_features = self.get_image_features(pixel_values, image_features)
@@ -617,7 +636,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         image_embeds = F.normalize(self.vision_projection(query_uni), dim=-1)
 
         text_output = text_embeds = logits_per_image = logits_per_text = None
-        itm_logits = itm_labels = query_bi = logits = None
+        itm_logits = itm_labels = query_bi = logits = attentions = cross_attentions = None
         loss_itc = loss_itm = loss_cls = None
         if has_text:
             text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).text_output
@@ -651,14 +670,19 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
                         [itm_labels, itm_labels.new_zeros(rows_t.numel() + rows_i.numel())]
                     )
             pair_queries = self.query_tokens.expand(pair_images.shape[0], -1, -1)
-            query_pairs = self.qformer(
+            pair_output = self.qformer(
                 query_embeds=pair_queries,
                 input_ids=pair_ids,
                 attention_mask=pair_mask,
                 encoder_hidden_states=pair_images,
                 attention_mode="bidirectional",
                 query_output_only=True,
-            ).query_output
+                output_attentions=output_attentions,
+            )
+            query_pairs = pair_output.query_output
+            if output_attentions:
+                attentions = tuple(weights[:batch_size] for weights in pair_output.attentions)
+                cross_attentions = tuple(weights[:batch_size] for weights in pair_output.cross_attentions)
             itm_logits = self.itm_head(query_pairs).mean(dim=1)
             query_bi = query_pairs[:batch_size]
             logits = self.classifier(self.classifier_dropout(query_bi.mean(dim=1)))
@@ -694,6 +718,8 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             query_output_bidirectional=query_bi,
             text_output=text_output,
             image_features=image_features,
+            attentions=attentions,
+            cross_attentions=cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -741,6 +767,7 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         image_features: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> QDistillStudentOutput | tuple:
         r"""
@@ -753,6 +780,7 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             image_features (`torch.FloatTensor` of shape `(batch_size, tokens, vision_hidden_size)`, *optional*):
                 Cached `last_hidden_state` of the frozen encoder.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): triage class ids; adds the focal loss.
+            output_attentions (`bool`, *optional*): also return the Q-Former's attention probabilities.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         image_features = self.get_image_features(pixel_values, image_features)
@@ -763,14 +791,16 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             raise ValueError("This student reads a pseudo-report (`text_mode='pseudo_report'`): pass `input_ids` of "
                              "the generated report, or use an `image_only` student.")
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1)
-        query_output = self.qformer(
+        qformer_output = self.qformer(
             query_embeds=queries,
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=image_features,
             attention_mode="bidirectional",
             query_output_only=True,
-        ).query_output
+            output_attentions=output_attentions,
+        )
+        query_output = qformer_output.query_output
         pooled = query_output.mean(dim=1)
         logits = self.classifier(self.classifier_dropout(pooled))
         loss = None
@@ -785,6 +815,8 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             projected_output=self.projection(pooled),
             query_output=query_output,
             image_features=image_features,
+            attentions=qformer_output.attentions,
+            cross_attentions=qformer_output.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 

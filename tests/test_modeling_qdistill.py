@@ -86,6 +86,23 @@ class TestTeacher:
         bidirectional = qformer(query_embeds=queries, input_ids=ids, attention_mask=mask, encoder_hidden_states=features)
         assert not torch.allclose(bidirectional.query_output, alone_q, atol=1e-3)
 
+    def test_attentions_on_request(self, teacher):
+        teacher.eval()
+        pixel_values, input_ids, attention_mask, _ = report_batch()
+        out = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                      output_attentions=True)
+        assert len(out.attentions) == 2 and len(out.cross_attentions) == 2
+        assert out.attentions[0].shape == (4, 4, 10, 10) and out.attentions[1].shape == (4, 4, 4, 10)
+        assert out.cross_attentions[0].shape == (4, 4, 4, NUM_IMAGE_TOKENS)
+        assert torch.allclose(out.attentions[0].sum(-1), torch.ones(4, 4, 10), atol=1e-5)
+        # Padding keys get no attention: report 0 has 4 real tokens of 6.
+        assert out.attentions[0][0, :, :, 4 + 4 :].abs().max() == 0
+        plain = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        assert plain.attentions is None and torch.allclose(plain.logits, out.logits, atol=1e-5)
+        student = QDistillStudentModel(student_config(text_mode="image_only")).eval()
+        student_out = student(pixel_values=pixel_values, output_attentions=True)
+        assert student_out.cross_attentions[0].shape == (4, 2, 3, NUM_IMAGE_TOKENS)
+
     def test_query_output_only_is_exact(self, teacher):
         teacher.eval()
         queries = teacher.query_tokens.expand(2, -1, -1)
