@@ -35,6 +35,17 @@ def _vision_config(vision_config):
     return vision_config
 
 
+def _post_init_composite(config, kwargs):
+    """Shared `__post_init__` of the teacher and student: CheXzero vision default, triage labels, derived sizes."""
+    config.vision_config = _vision_config(config.vision_config)
+    if config.id2label is None and kwargs.get("num_labels") is None:
+        config.id2label = dict(DEFAULT_TRIAGE_LABELS)
+    PreTrainedConfig.__post_init__(config, **kwargs)
+    if config.id2label is not None and config.label2id is None:
+        config.label2id = {name: idx for idx, name in config.id2label.items()}
+    config.qformer_config.encoder_hidden_size = config.vision_config.hidden_size
+
+
 def _check_positive_ints(config, *names):
     for name in names:
         value = getattr(config, name)
@@ -238,13 +249,7 @@ class QDistillTeacherConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        self.vision_config = _vision_config(self.vision_config)
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = dict(DEFAULT_TRIAGE_LABELS)
-        super().__post_init__(**kwargs)
-        if self.id2label is not None and self.label2id is None:
-            self.label2id = {name: idx for idx, name in self.id2label.items()}
-        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        _post_init_composite(self, kwargs)
 
     def validate_architecture(self):
         """Checks run when the config is built (part of `@strict` validation)."""
@@ -309,7 +314,6 @@ class QDistillStudentConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        self.vision_config = _vision_config(self.vision_config)
         if self.qformer_config is None:
             self.qformer_config = {
                 "hidden_size": 384,
@@ -318,12 +322,7 @@ class QDistillStudentConfig(PreTrainedConfig):
                 "intermediate_size": 1536,
                 "num_query_tokens": 8,
             }
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = dict(DEFAULT_TRIAGE_LABELS)
-        super().__post_init__(**kwargs)
-        if self.id2label is not None and self.label2id is None:
-            self.label2id = {name: idx for idx, name in self.id2label.items()}
-        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        _post_init_composite(self, kwargs)
         self.qformer_config.use_text_input = self.text_mode == "pseudo_report"
 
     def validate_architecture(self):

@@ -372,6 +372,10 @@ class QDistillPreTrainedModel(PreTrainedModel):
         if isinstance(module, QDistillTeacherModel):
             init.constant_(module.logit_scale, math.log(1 / module.config.temperature_init))
 
+    def _focal_alpha(self, logits: torch.Tensor) -> torch.Tensor | None:
+        alpha = getattr(self.config, "focal_alpha", None)
+        return None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # The loader re-creates every parameter with `requires_grad=True`, so freezing done in `__init__` is lost.
@@ -723,10 +727,6 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _focal_alpha(self, logits):
-        alpha = self.config.focal_alpha
-        return None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
-
 
 class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
     """
@@ -805,9 +805,7 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         logits = self.classifier(self.classifier_dropout(pooled))
         loss = None
         if labels is not None:
-            alpha = self.config.focal_alpha
-            alpha = None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
-            loss = _weighted_sum((focal_loss(logits, labels, self.config.focal_gamma, alpha), 1.0))
+            loss = _weighted_sum((focal_loss(logits, labels, self.config.focal_gamma, self._focal_alpha(logits)), 1.0))
         output = QDistillStudentOutput(
             loss=loss,
             logits=logits,

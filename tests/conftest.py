@@ -23,6 +23,17 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10-100x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 

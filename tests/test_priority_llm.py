@@ -22,17 +22,6 @@ SCRIPT = REPO_ROOT / "data_scripts" / "score_priority.py"
 VALID = '{"urgent": 1, "complexity": 4, "rationale": "Large right pneumothorax."}'
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10-100x."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cli_main(argv):
     spec = importlib.util.spec_from_file_location("score_priority_cli", SCRIPT)
     module = importlib.util.module_from_spec(spec)

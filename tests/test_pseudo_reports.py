@@ -52,17 +52,6 @@ GEMMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10-100x."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------------------------------------ fixtures
 def build_tiny_gemma3(out):
     """Save a tiny random Gemma3ForConditionalGeneration + Gemma3Processor to ``out`` (OFFLINE_RECIPES §1)."""
