@@ -24,6 +24,13 @@ ATTENTION_MODES = ("unimodal", "bidirectional")
 QUERY_SELECTION_MODES = ("softmax", "max")
 STUDENT_TEXT_MODES = ("pseudo_report", "image_only")
 DEFAULT_TRIAGE_LABELS = {0: "non_urgent", 1: "urgent"}
+STUDENT_QFORMER_DEFAULTS = {
+    "hidden_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "intermediate_size": 1536,
+    "num_query_tokens": 8,
+}
 
 
 def _vision_config(vision_config):
@@ -283,7 +290,8 @@ class QDistillStudentConfig(PreTrainedConfig):
             The frozen image encoder; defaults to CheXzero's ViT-B/32 (must match the teacher's for distillation).
         qformer_config (`dict` or `QFormerConfig`, *optional*):
             The student Q-Former. Defaults to 8 queries, 2 layers, 6 heads, 384 wide, intermediate 1536 (the
-            original's student was as large as its teacher).
+            original's student was as large as its teacher); a dict that sets only some fields (e.g. `vocab_size`)
+            keeps these student sizes for the others.
         text_mode (`str`, *optional*, defaults to `"pseudo_report"`):
             `"pseudo_report"`: queries and pseudo-report tokens attend to each other (bidirectional).
             `"image_only"`: no text at all; the Q-Former has no text stream, so the film can be triaged before any
@@ -314,14 +322,12 @@ class QDistillStudentConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        # A partial dict (typically just `vocab_size`) is completed from the student's sizes, not from
+        # `QFormerConfig`'s teacher-sized defaults, which would silently give a student as large as the teacher.
         if self.qformer_config is None:
-            self.qformer_config = {
-                "hidden_size": 384,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 6,
-                "intermediate_size": 1536,
-                "num_query_tokens": 8,
-            }
+            self.qformer_config = dict(STUDENT_QFORMER_DEFAULTS)
+        elif isinstance(self.qformer_config, dict):
+            self.qformer_config = {**STUDENT_QFORMER_DEFAULTS, **self.qformer_config}
         _post_init_composite(self, kwargs)
         self.qformer_config.use_text_input = self.text_mode == "pseudo_report"
 

@@ -49,18 +49,21 @@ def query_text_similarity(
     Returns:
         `torch.Tensor` of shape `(num_images, num_texts)` in float32.
     """
+    if mode not in ("max", "softmax"):
+        raise ValueError(f"Unknown query selection mode {mode!r}; expected 'softmax' or 'max'.")
     queries = image_query_embeds.float()
     texts = text_embeds.float()
-    per_query = torch.einsum("iqd,jd->ijq", queries, texts)
-    if mode == "max":
-        return per_query.max(dim=-1).values
-    if mode != "softmax":
-        raise ValueError(f"Unknown query selection mode {mode!r}; expected 'softmax' or 'max'.")
-    weights = torch.softmax(per_query / temperature, dim=-1)
-    # |sum_q w_q e_q|^2 = w^T G w with G the Gram matrix of image i's queries.
-    gram = torch.einsum("iqd,ipd->iqp", queries, queries)
-    mix_norm_sq = torch.einsum("ijq,iqp,ijp->ij", weights, gram, weights)
-    return (weights * per_query).sum(dim=-1) / mix_norm_sq.sqrt()
+    # Autocast would run the einsums in bf16 despite the float32 inputs: ITC logits at scale up to 100 would then be
+    # quantised in steps of 0.25-0.5.
+    with torch.autocast(queries.device.type, enabled=False):
+        per_query = torch.einsum("iqd,jd->ijq", queries, texts)
+        if mode == "max":
+            return per_query.max(dim=-1).values
+        weights = torch.softmax(per_query / temperature, dim=-1)
+        # |sum_q w_q e_q|^2 = w^T G w with G the Gram matrix of image i's queries.
+        gram = torch.einsum("iqd,ipd->iqp", queries, queries)
+        mix_norm_sq = torch.einsum("ijq,iqp,ijp->ij", weights, gram, weights)
+        return (weights * per_query).sum(dim=-1) / mix_norm_sq.sqrt()
 
 
 def image_text_contrastive_loss(logits_per_image: torch.Tensor, positive_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,14 +111,14 @@ def sample_hard_negatives(
     """
     if similarity.shape != positive_mask.shape:
         raise ValueError(f"positive_mask has shape {tuple(positive_mask.shape)}, expected {tuple(similarity.shape)}.")
-    weights = torch.softmax(similarity.detach().float(), dim=1).masked_fill(positive_mask, 0.0)
     valid = (~positive_mask).any(dim=1)
+    # The softmax runs over the candidates only: normalising over the whole row and then zeroing the positives lets a
+    # dominant positive (logit gap > ~100 at CLIP's scale bound) underflow every negative weight to 0.
+    logits = similarity.detach().float().masked_fill(positive_mask, float("-inf"))
     # Rows without a candidate get uniform dummy weights so one vectorised draw covers the batch; their result is
     # discarded through `valid`.
-    weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
-    # A row whose non-positive weights all underflowed to zero still has valid candidates: draw uniformly among them.
-    underflow = valid & (weights.sum(dim=1) == 0)
-    weights = torch.where(underflow[:, None], (~positive_mask).float(), weights)
+    logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
+    weights = torch.softmax(logits, dim=1)
     indices = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return indices.masked_fill(~valid, -1), valid
 

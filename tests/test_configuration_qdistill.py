@@ -37,6 +37,15 @@ def test_student_defaults_are_lightweight_and_text_mode_sets_the_text_stream():
     assert not QDistillStudentConfig(text_mode="image_only").qformer_config.use_text_input
 
 
+def test_partial_student_qformer_dict_keeps_the_student_sizes():
+    # Setting only the tokenizer's vocabulary must not fall back to QFormerConfig's teacher-sized defaults.
+    qformer = QDistillStudentConfig(qformer_config={"vocab_size": 2000, "num_query_tokens": 4}).qformer_config
+    assert (qformer.vocab_size, qformer.num_query_tokens) == (2000, 4)
+    assert (qformer.hidden_size, qformer.num_hidden_layers, qformer.num_attention_heads) == (384, 2, 6)
+    assert qformer.intermediate_size == 1536
+    assert QDistillTeacherConfig(qformer_config={"vocab_size": 2000}).qformer_config.hidden_size == 768
+
+
 @pytest.mark.parametrize("factory", [teacher_config, student_config])
 def test_round_trip_with_sub_configs(tmp_path, factory):
     config = factory(focal_alpha=[0.25, 0.75], id2label={0: "routine", 1: "urgent"})

@@ -67,6 +67,18 @@ def test_query_similarity_softmax_with_one_query_is_the_cosine():
         query_text_similarity(queries, texts, "mean")
 
 
+@pytest.mark.parametrize("mode", ["softmax", "max"])
+def test_query_similarity_stays_float32_under_bf16_autocast(mode):
+    generator = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(3, 4, 64, generator=generator), dim=-1)
+    texts = F.normalize(torch.randn(5, 64, generator=generator), dim=-1)
+    reference = query_text_similarity(queries, texts, mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = query_text_similarity(queries, texts, mode)
+    assert under_autocast.dtype == torch.float32
+    assert torch.allclose(under_autocast, reference, atol=1e-6)
+
+
 def test_hard_negative_sampler_never_returns_a_positive():
     generator = torch.Generator().manual_seed(0)
     batch = 6
@@ -87,6 +99,16 @@ def test_hard_negative_sampler_follows_the_similarity_and_is_reproducible():
     second = sample_hard_negatives(similarity, positives, torch.Generator().manual_seed(1))[0]
     assert torch.equal(first, second)
     assert first[:2].tolist() == [1, 0]  # weights e^10 vs e^-10
+
+
+def test_hard_negative_sampler_keeps_the_hardest_negative_when_the_positive_dominates():
+    # Normalised over the whole row, [100, -10, -5] underflows both negatives to 0 in float32. Restricted to the
+    # negatives the weights are softmax([-10, -5]) = (0.0067, 0.9933): candidate 2 nearly always, never a coin flip.
+    similarity = torch.tensor([[100.0, -10.0, -5.0]]).expand(400, 3)
+    positives = torch.tensor([[True, False, False]]).expand(400, 3)
+    indices, valid = sample_hard_negatives(similarity, positives, torch.Generator().manual_seed(0))
+    assert valid.all() and not (indices == 0).any()
+    assert (indices == 2).sum() >= 390
 
 
 def test_hard_negative_sampler_flags_rows_without_negatives():
