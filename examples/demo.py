@@ -100,7 +100,7 @@ def train_teacher(teacher, train, tokenizer, args):
             teacher.clamp_logit_scale()
             for key in sums:
                 if out[key] is not None:
-                    sums[key] += float(out[key])
+                    sums[key] += float(out[key].detach())
             steps += 1
         logger.info("teacher epoch %d: %s", epoch + 1, ", ".join(f"{k} {v / steps:.3f}" for k, v in sums.items()))
     return teacher.eval()
@@ -129,7 +129,7 @@ def distil_student(student, teacher, train, validation, tokenizer, args, tempera
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            total += float(loss)
+            total += float(loss.detach())
             steps += 1
         student.eval()
         metrics = evaluate(validation, tokenizer, lambda b: student(image_features=b["image_features"]).logits, 256)

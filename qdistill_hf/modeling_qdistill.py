@@ -382,6 +382,8 @@ class QDistillPreTrainedModel(PreTrainedModel):
         model = super().from_pretrained(*args, **kwargs)
         if hasattr(model, "freeze_vision_encoder"):
             model.freeze_vision_encoder(model.config.freeze_vision_encoder)
+        if isinstance(getattr(model, "logit_scale", None), nn.Parameter):
+            model.logit_scale.requires_grad_(model.config.learnable_temperature)
         return model
 
 
@@ -476,6 +478,13 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             elif attention_mask.shape != input_ids.shape:
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
+                )
+            empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+            if empty:
+                # A row that attends to nothing has no defined softmax (NaN once the mask reaches bf16 as -inf).
+                raise ValueError(
+                    f"Reports at batch rows {empty} have no real token (attention_mask is all zero); the processor "
+                    "always adds [CLS] and [SEP], so these rows are broken inputs."
                 )
         else:
             attention_mask = None

@@ -8,6 +8,7 @@ from qdistill_hf import (
     QDistillTeacherConfig,
     QDistillTeacherModel,
 )
+from qdistill_hf.loss_qdistill import report_positive_mask, sample_hard_negatives
 from tiny_models import NUM_IMAGE_TOKENS, report_batch, student_config, teacher_config
 
 
@@ -116,6 +117,27 @@ class TestTeacher:
         assert torch.allclose(fast.attentions[-1], full.attentions[-1][:, :, :4], atol=1e-6)
         assert torch.equal(fast.attentions[0], full.attentions[0])
 
+    def test_itm_pairs_are_image_with_negative_report_and_negative_image_with_report(self, teacher):
+        teacher.eval()
+        _, input_ids, attention_mask, labels = report_batch()
+        features = torch.randn(4, NUM_IMAGE_TOKENS, 32, generator=torch.Generator().manual_seed(2))
+        out = teacher(image_features=features, input_ids=input_ids, attention_mask=attention_mask, return_loss=True,
+                      generator=torch.Generator().manual_seed(3))
+        # The same draws, in the model's order: a negative report per image, then a negative image per report.
+        positives = report_positive_mask(input_ids, attention_mask)
+        generator = torch.Generator().manual_seed(3)
+        neg_text = sample_hard_negatives(out.logits_per_image, positives, generator)[0]
+        neg_image = sample_hard_negatives(out.logits_per_text, positives.t(), generator)[0]
+        assert not positives[torch.arange(4), neg_text].any() and not positives[neg_image, torch.arange(4)].any()
+        pairs = [(i, i) for i in range(4)] + [(i, int(neg_text[i])) for i in range(4)]
+        pairs += [(int(neg_image[j]), j) for j in range(4)]
+        # Each pair scored on its own (image a, report b) must give the batched ITM logits.
+        for row, (a, b) in enumerate(pairs):
+            alone = teacher(image_features=features[a : a + 1], input_ids=input_ids[b : b + 1],
+                            attention_mask=attention_mask[b : b + 1]).itm_logits[0]
+            assert torch.allclose(out.itm_logits[row], alone, atol=1e-5), (row, a, b)
+        assert out.itm_labels.tolist() == [1] * 4 + [0] * 8
+
     def test_itm_is_skipped_not_trained_on_positives_when_no_negative_exists(self, teacher):
         features = torch.randn(3, NUM_IMAGE_TOKENS, 32)
         same = torch.tensor([[2, 11, 3]] * 3)
@@ -174,12 +196,18 @@ class TestTeacher:
         teacher.eval()  # no dropout, so both passes see the same function
         pixel_values, input_ids, attention_mask, labels = report_batch()
         kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        plain = teacher(**kwargs).loss
+        plain_out = teacher(**kwargs)
+        plain_out.loss.backward()
+        plain_grad = teacher.query_tokens.grad.clone()
+        teacher.zero_grad()
         teacher.activation_checkpointing_enable()
         teacher.qformer.encoder.training = True  # checkpointing is active in training mode only
-        checkpointed = teacher(**kwargs).loss
-        checkpointed.backward()
-        assert torch.allclose(plain, checkpointed) and teacher.query_tokens.grad is not None
+        checkpointed_out = teacher(**kwargs)
+        checkpointed_out.loss.backward()
+        assert torch.allclose(plain_out.loss, checkpointed_out.loss)
+        # The loss alone is nearly flat at init; the queries and their gradient show a wrong recompute.
+        assert torch.allclose(plain_out.query_output_bidirectional, checkpointed_out.query_output_bidirectional, atol=1e-6)
+        assert torch.allclose(plain_grad, teacher.query_tokens.grad, atol=1e-7)
 
     def test_bad_inputs_raise_clear_errors(self, teacher):
         pixel_values, input_ids, attention_mask, labels = report_batch()
@@ -193,6 +221,8 @@ class TestTeacher:
             teacher(pixel_values=pixel_values[:1], input_ids=torch.ones(1, 41, dtype=torch.long))
         with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 2\)"):
             teacher(pixel_values=pixel_values, input_ids=input_ids, labels=torch.tensor([0, 1, -1, 0]))
+        with pytest.raises(ValueError, match=r"Reports at batch rows \[1\] have no real token"):
+            teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask * torch.tensor([[1], [0], [1], [1]]))
         with pytest.raises(ValueError, match="input_ids has batch size 2 but the images have 4"):
             teacher(pixel_values=pixel_values, input_ids=input_ids[:2])
 
@@ -209,6 +239,12 @@ class TestTeacher:
         teacher.clamp_logit_scale()
         assert teacher.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
         assert QDistillTeacherModel(teacher_config(learnable_temperature=False)).logit_scale.requires_grad is False
+
+    def test_fixed_temperature_stays_fixed_after_from_pretrained(self, tmp_path):
+        QDistillTeacherModel(teacher_config(learnable_temperature=False)).save_pretrained(tmp_path)
+        loaded = QDistillTeacherModel.from_pretrained(tmp_path)
+        assert loaded.logit_scale.requires_grad is False
+        assert "logit_scale" not in {name for name, p in loaded.named_parameters() if p.requires_grad}
 
     def test_query_tokens_are_initialised_randomly(self, teacher):
         assert teacher.query_tokens.std() > 0.005
