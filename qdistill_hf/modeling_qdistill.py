@@ -280,6 +280,7 @@ class QDistillQFormerLayer(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
         queries_only: bool = False,
+        text_token_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         normed = self.self_attn_norm(hidden_states)
         if queries_only:
@@ -308,7 +309,14 @@ class QDistillQFormerLayer(nn.Module):
                 queries = queries + self.dropout(cross_out)
             queries = queries + self.query_mlp(self.query_mlp_norm(queries))
         if text.shape[1] > 0:
-            text = text + self.text_mlp(self.text_mlp_norm(text))
+            if text_token_index is None:
+                text = text + self.text_mlp(self.text_mlp_norm(text))
+            else:
+                # Padding positions are never attended to, so the feed-forward runs on the real tokens only.
+                flat = text.reshape(-1, text.shape[-1])
+                real = flat.index_select(0, text_token_index)
+                real = real + self.text_mlp(self.text_mlp_norm(real))
+                text = flat.index_copy(0, text_token_index, real).view(text.shape)
         return torch.cat([queries, text], dim=1), self_weights, cross_weights
 
 
@@ -327,6 +335,7 @@ class QDistillQFormerEncoder(nn.Module):
         output_attentions,
         output_hidden_states,
         query_output_only=False,
+        text_token_index=None,
     ):
         all_hidden, all_self, all_cross = [], [], []
         last = len(self.layer) - 1
@@ -334,7 +343,7 @@ class QDistillQFormerEncoder(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             args = (hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions,
-                    query_output_only and index == last)
+                    query_output_only and index == last, text_token_index)
             if self.gradient_checkpointing and self.training:
                 hidden_states, self_w, cross_w = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -494,8 +503,11 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         if encoder_hidden_states is not None:
             encoder_hidden_states = self.encoder_norm(encoder_hidden_states.to(hidden_states.dtype))
 
-        mask = None
-        if attention_mask is not None and (attention_mode == "unimodal" and query_length > 0 or not attention_mask.all()):
+        mask = text_token_index = None
+        has_padding = attention_mask is not None and not bool(attention_mask.all())
+        if has_padding:
+            text_token_index = attention_mask.flatten().nonzero().squeeze(1)
+        if attention_mask is not None and (attention_mode == "unimodal" and query_length > 0 or has_padding):
             mask = build_qformer_attention_mask(
                 query_length, attention_mask, attention_mode, dtype=hidden_states.dtype, batch_size=batch_size
             )
@@ -510,6 +522,7 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             bool(output_attentions),
             bool(output_hidden_states),
             query_output_only,
+            text_token_index,
         )
         hidden_states = self.final_norm(hidden_states)
         output = QDistillQFormerModelOutput(

@@ -70,6 +70,21 @@ class TestTeacher:
         assert torch.allclose(short.text_embeds, long.text_embeds, atol=1e-5)
         assert torch.allclose(short.query_output_bidirectional, long.query_output_bidirectional, atol=1e-5)
 
+    def test_text_feed_forward_skips_padding_exactly(self, teacher):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        teacher.eval()
+        ids = torch.tensor([[2, 11, 12, 13, 3]])
+        padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+        dense = teacher.qformer(input_ids=ids)  # no padding: the feed-forward runs on every position
+        with FlopCounterMode(display=False) as counter:
+            sparse = teacher.qformer(input_ids=padded, attention_mask=(padded != 0).long())
+        assert torch.allclose(dense.text_output, sparse.text_output[:, :5], atol=1e-6)
+        with FlopCounterMode(display=False) as full_counter:
+            teacher.qformer(input_ids=padded, attention_mask=torch.ones_like(padded))
+        # 2 layers x text FFN (32 -> 37 -> 32) x 7 padding positions x 2 FLOPs per multiply-add, never computed.
+        assert full_counter.get_total_flops() - counter.get_total_flops() >= 2 * 7 * 2 * (2 * 32 * 37)
+
     def test_unimodal_mask_equals_independent_passes(self, teacher):
         teacher.eval()
         qformer = teacher.qformer
