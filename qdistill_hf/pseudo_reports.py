@@ -304,6 +304,10 @@ class RetrievalPseudoReportGenerator:
                              f"train_ids ({len(train_ids)}) must have the same length")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        bad_rows = (~torch.isfinite(emb)).any(dim=1).nonzero().flatten().tolist()
+        if bad_rows:
+            raise ValueError(f"train_embeddings of studies {[str(train_ids[r]) for r in bad_rows[:10]]} contain NaN "
+                             "or inf values")
         self.train_ids = [str(s) for s in train_ids]
         if len(set(self.train_ids)) != len(self.train_ids):
             raise ValueError("train_ids must be unique")
@@ -344,6 +348,9 @@ class RetrievalPseudoReportGenerator:
             raise ValueError(f"got {q.shape[0]} embeddings but {len(ids)} ids")
         if own_reports is not None and len(own_reports) != len(ids):
             raise ValueError(f"got {len(ids)} ids but {len(own_reports)} own_reports")
+        bad_rows = (~torch.isfinite(q)).any(dim=1).nonzero().flatten().tolist()
+        if bad_rows:
+            raise ValueError(f"embeddings of studies {[ids[r] for r in bad_rows[:10]]} contain NaN or inf values")
         q = torch.nn.functional.normalize(q, dim=1)
         n_train = self._train.shape[0]
         k = min(self.k, n_train)
@@ -365,7 +372,8 @@ class RetrievalPseudoReportGenerator:
             sims.masked_fill_(own_codes[:, None] == self._train_codes[None, :], -math.inf)
             top_sim, top_idx = sims.topk(k, dim=1)
             for r, sid in enumerate(chunk_ids):
-                valid = [(float(s), int(i)) for s, i in zip(top_sim[r], top_idx[r]) if math.isfinite(float(s))]
+                # -inf marks the excluded neighbours (the film itself, its own report text).
+                valid = [(float(s), int(i)) for s, i in zip(top_sim[r], top_idx[r]) if float(s) != -math.inf]
                 if not valid:
                     raise ValueError(f"study {sid}: no training film is admissible as a neighbour "
                                      "(all share its id or its report text)")

@@ -393,3 +393,12 @@ def test_reports_from_records_names_source_and_record():
         reports_from_records([{"study_id": "a", "pseudo_report": "x"}, {"study_id": "b"}], source="m.jsonl")
     with pytest.raises(ValueError, match=r"record 0 \(a\): 'pseudo_report' is NoneType, not str"):
         reports_from_records([{"study_id": "a", "pseudo_report": None}])
+
+
+def test_retrieval_refuses_non_finite_embeddings():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    generator = RetrievalPseudoReportGenerator(train, ["Report A.", "Report B."], ["a", "b"])
+    with pytest.raises(ValueError, match=r"embeddings of studies \['q2'\] contain NaN or inf"):
+        generator.retrieve(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), ["q1", "q2"])
+    with pytest.raises(ValueError, match=r"train_embeddings of studies \['b'\] contain NaN or inf"):
+        RetrievalPseudoReportGenerator(torch.tensor([[1.0, 0.0], [float("inf"), 0.0]]), ["A.", "B."], ["a", "b"])
