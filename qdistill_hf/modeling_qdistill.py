@@ -389,11 +389,11 @@ class QDistillPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         # The loader re-creates every parameter with `requires_grad=True`, so freezing done in `__init__` is lost.
         model = super().from_pretrained(*args, **kwargs)
-        if hasattr(model, "freeze_vision_encoder"):
-            model.freeze_vision_encoder(model.config.freeze_vision_encoder)
-        if isinstance(getattr(model, "logit_scale", None), nn.Parameter):
-            model.logit_scale.requires_grad_(model.config.learnable_temperature)
+        model._apply_trainability()
         return model
+
+    def _apply_trainability(self):
+        """Set `requires_grad` from the config (frozen parts); called at the end of `__init__` and after loading."""
 
 
 class QDistillQFormerModel(QDistillPreTrainedModel):
@@ -606,9 +606,12 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         self.classifier_dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(qcfg.hidden_size, config.num_labels)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature_init)))
-        self.logit_scale.requires_grad_(config.learnable_temperature)
         self.post_init()
-        self.freeze_vision_encoder(config.freeze_vision_encoder)
+        self._apply_trainability()
+
+    def _apply_trainability(self):
+        self.freeze_vision_encoder(self.config.freeze_vision_encoder)
+        self.logit_scale.requires_grad_(self.config.learnable_temperature)
 
     def clamp_logit_scale(self):
         """Apply the one documented bound: the ITC temperature never drops below 1/100 (CLIP)."""
@@ -780,7 +783,10 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         self.classifier = nn.Linear(qcfg.hidden_size, config.num_labels)
         self.projection = nn.Linear(qcfg.hidden_size, config.teacher_hidden_size)
         self.post_init()
-        self.freeze_vision_encoder(config.freeze_vision_encoder)
+        self._apply_trainability()
+
+    def _apply_trainability(self):
+        self.freeze_vision_encoder(self.config.freeze_vision_encoder)
 
     def forward(
         self,
