@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdistill_hf.processing_qdistill import QDistillImageProcessor, QDistillProcessor  # noqa: E402
-from qdistill_hf.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer  # noqa: E402
+from qdistill_hf.models.processing_qdistill import QDistillImageProcessor, QDistillProcessor  # noqa: E402
+from qdistill_hf.models.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> QDistillProcessor:
     # 1. The dataset's train reports only; its validation/test reports are only used to filter the JSONL corpus.
     train_reports, held_out, sources = [], set(), []
     if args.dataset_name:
-        from qdistill_hf.data_cxr import load_cxr_dataset
+        from qdistill_hf.data.data_cxr import load_cxr_dataset
 
         dataset_dict = load_cxr_dataset(args.dataset_name, data_dir=args.data_dir, cache_dir=args.cache_dir)
         train_reports = list(dataset_dict["train"][args.text_column])

@@ -15,7 +15,7 @@ from pathlib import Path
 # Allows running from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdistill_hf.convert_chexzero_to_hf import convert_chexzero_checkpoint  # noqa: E402
+from qdistill_hf.convert.convert_chexzero_to_hf import convert_chexzero_checkpoint  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

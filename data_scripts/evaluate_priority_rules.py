@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdistill_hf.priority_rules import evaluate_scorer  # noqa: E402
-from qdistill_hf.resumable import read_jsonl  # noqa: E402
+from qdistill_hf.labels.priority_rules import evaluate_scorer  # noqa: E402
+from qdistill_hf.reports.resumable import read_jsonl  # noqa: E402
 
 LABELS = ("urgent", "abnormal")
 

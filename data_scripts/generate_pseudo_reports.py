@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdistill_hf.pseudo_reports import (  # noqa: E402
+from qdistill_hf.reports.pseudo_reports import (  # noqa: E402
     DEFAULT_MODEL_ID,
     DEFAULT_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -33,7 +33,7 @@ from qdistill_hf.pseudo_reports import (  # noqa: E402
     reports_from_records,
     write_medgemma_layout,
 )
-from qdistill_hf.resumable import (  # noqa: E402
+from qdistill_hf.reports.resumable import (  # noqa: E402
     add_runner_arguments,
     atomic_write_text,
     read_jsonl,
@@ -92,7 +92,7 @@ def _own_report(row):
 
 def build_hf_batch_fn(args):
     """Batch function and run description for ``--generator hf``."""
-    from qdistill_hf.pseudo_reports import HFPseudoReportGenerator
+    from qdistill_hf.reports.pseudo_reports import HFPseudoReportGenerator
 
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else DEFAULT_PROMPT
     system = (Path(args.system_prompt_file).read_text(encoding="utf-8") if args.system_prompt_file
@@ -114,7 +114,7 @@ def build_hf_batch_fn(args):
 
 def build_retrieval_batch_fn(args):
     """Batch function and run description for ``--generator retrieval``."""
-    from qdistill_hf.pseudo_reports import CLIPImageEmbedder, RetrievalPseudoReportGenerator
+    from qdistill_hf.reports.pseudo_reports import CLIPImageEmbedder, RetrievalPseudoReportGenerator
 
     if not args.vision_model:
         raise SystemExit("--generator retrieval needs --vision_model (a CLIPVisionModel folder)")

@@ -23,8 +23,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from qdistill_hf.data_cxr import CONFIG_NAMES, load_cxr_dataset  # noqa: E402
-from qdistill_hf.synthetic_cxr import save_contact_sheet  # noqa: E402
+from qdistill_hf.data.data_cxr import CONFIG_NAMES, load_cxr_dataset  # noqa: E402
+from qdistill_hf.data.synthetic_cxr import save_contact_sheet  # noqa: E402
 
 
 def parse_bool(text: str) -> bool:
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--output_dir", default=None, help="save_to_disk here (image bytes embedded)")
     parser.add_argument("--contact_sheet", default=None, help="synthetic only: also write a PNG grid of 16 films here")
-    group = parser.add_argument_group("builder config options (see qdistill_hf.data_cxr.CxrBuilderConfig)")
+    group = parser.add_argument_group("builder config options (see qdistill_hf.data.data_cxr.CxrBuilderConfig)")
     for name, kwargs in _OPTIONS.items():
         group.add_argument(f"--{name}", default=None, **kwargs)
     args = parser.parse_args(argv)

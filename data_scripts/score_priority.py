@@ -22,15 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdistill_hf.priority_llm import (  # noqa: E402
+from qdistill_hf.labels.priority_llm import (  # noqa: E402
     PRIORITY_SYSTEM_PROMPT,
     PRIORITY_USER_TEMPLATE,
     LLMPriorityScorer,
     rules_score_batch,
     write_priority_metadata,
 )
-from qdistill_hf.pseudo_reports import read_folder_metadata  # noqa: E402
-from qdistill_hf.resumable import add_runner_arguments, read_jsonl, run_from_args  # noqa: E402
+from qdistill_hf.reports.pseudo_reports import read_folder_metadata  # noqa: E402
+from qdistill_hf.reports.resumable import add_runner_arguments, read_jsonl, run_from_args  # noqa: E402
 
 logger = logging.getLogger("score_priority")
 MERGED_NAME = "priority_scores.jsonl"

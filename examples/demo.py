@@ -36,8 +36,8 @@ from qdistill_hf import (
     cache_image_features,
     load_cxr_dataset,
 )
-from qdistill_hf.loss_qdistill import distillation_kl_loss, embedding_alignment_loss
-from qdistill_hf.pseudo_reports import RetrievalPseudoReportGenerator, image_embeddings_from_features
+from qdistill_hf.models.loss_qdistill import distillation_kl_loss, embedding_alignment_loss
+from qdistill_hf.reports.pseudo_reports import RetrievalPseudoReportGenerator, image_embeddings_from_features
 
 
 logger = logging.getLogger("qdistill_demo")

@@ -1,9 +1,21 @@
-"""Q-DISTILL chest X-ray triage: teacher and student Q-Formers native to Hugging Face transformers."""
+"""Q-DISTILL chest X-ray triage: teacher and student Q-Formers native to Hugging Face transformers.
+
+Layout, by concern (each layer may import the ones above it, never a peer beside it):
+
+- `models/`: what a Hub repo carries (configuration, modeling, loss, processing, tokenization); flat among
+  themselves and importing only torch, transformers, tokenizers and each other.
+- `utils.py`: the few helpers every tooling layer shares.
+- `labels/`: the label policy (what "urgent" means) and the report scorers (rules, LLM).
+- `data/`: the `datasets` builder, synthetic films, the frozen-feature cache.
+- `reports/`: pseudo-report generation and the resumable sharded runner.
+- `convert/`: CheXzero (OpenAI CLIP) -> `CLIPVisionModel`.
+- `training/`: training arguments, collators, the teacher and distillation Trainers, callbacks.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .configuration_qdistill import QDistillStudentConfig, QDistillTeacherConfig, QFormerConfig
-from .modeling_qdistill import (
+from .models.configuration_qdistill import QDistillStudentConfig, QDistillTeacherConfig, QFormerConfig
+from .models.modeling_qdistill import (
     QDistillPreTrainedModel,
     QDistillQFormerModel,
     QDistillStudentModel,
@@ -12,8 +24,8 @@ from .modeling_qdistill import (
     QDistillTeacherOutput,
     build_qformer_attention_mask,
 )
-from .processing_qdistill import QDistillImageProcessor, QDistillProcessor, register_processing_auto_classes
-from .tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
+from .models.processing_qdistill import QDistillImageProcessor, QDistillProcessor, register_processing_auto_classes
+from .models.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
 
 
 __version__ = "0.1.0"
@@ -34,15 +46,15 @@ QDistillTeacherModel.register_for_auto_class("AutoModel")
 QDistillStudentModel.register_for_auto_class("AutoModel")
 register_processing_auto_classes((QDistillTeacherConfig, QDistillStudentConfig))
 
-# Data tooling needs `datasets`/`accelerate`; it is imported on first use so `import qdistill_hf` stays light.
+# Tooling needs `datasets`/`accelerate`; it is imported on first use so `import qdistill_hf` stays light.
 _LAZY = {
-    "load_cxr_dataset": "data_cxr",
-    "DataCxr": "data_cxr",
-    "CxrBuilderConfig": "data_cxr",
-    "cache_image_features": "feature_cache",
-    "feature_fingerprint": "feature_cache",
-    "features_as_torch": "feature_cache",
-    "score_report": "priority_rules",
+    "load_cxr_dataset": "data.data_cxr",
+    "DataCxr": "data.data_cxr",
+    "CxrBuilderConfig": "data.data_cxr",
+    "cache_image_features": "data.feature_cache",
+    "feature_fingerprint": "data.feature_cache",
+    "features_as_torch": "data.feature_cache",
+    "score_report": "labels.priority_rules",
 }
 
 

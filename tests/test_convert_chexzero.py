@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from qdistill_hf.convert_chexzero_to_hf import (
+from qdistill_hf.convert.convert_chexzero_to_hf import (
     CHEXZERO_PIXEL_MEAN,
     CHEXZERO_PIXEL_STD,
     convert_chexzero_checkpoint,

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdistill_hf.data_cxr import (
+from qdistill_hf.labels.policy import urgent_from_mesh
+from qdistill_hf.data.data_cxr import (
     CORE_COLUMNS,
     hash_split,
     iu_frontal_order,
-    iu_urgent_from_mesh,
     load_cxr_dataset,
     mimic_report_text,
 )
@@ -155,7 +155,7 @@ def test_pseudo_report_policies(tmp_path, caplog):
     root = make_folder(tmp_path / "data", pseudo=("s1", "s3", "s4"))
     with pytest.raises(ValueError, match=r"1 studies of .*metadata\.csv have no pseudo-report .*first study_id 's2'"):
         load_folder(root, tmp_path / "a", require_pseudo_report=True)
-    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data_cxr"):
+    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data.data_cxr"):
         dd = load_folder(root, tmp_path / "b", require_pseudo_report=True, missing_pseudo_report="drop")
     assert dd["train"]["study_id"] == ["s1"]
     assert any("dropped 1 studies without a pseudo-report" in r.getMessage() for r in caplog.records)
@@ -272,7 +272,7 @@ def test_iu_incomplete_studies(tmp_path, caplog):
     root = make_iu(tmp_path / "iu", studies=studies)
     with pytest.raises(ValueError, match=r"2 incomplete IU studies; first: .*5\.xml \(study_id 'CXR5'\): empty FINDINGS and IMPRESSION"):
         load_cxr_dataset("iu_xray", data_dir=str(root), cache_dir=str(tmp_path / "a"))
-    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data_cxr"):
+    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data.data_cxr"):
         dd = load_cxr_dataset("iu_xray", data_dir=str(root), cache_dir=str(tmp_path / "b"), incomplete_studies="drop")
     assert [r["study_id"] for r in _all_rows(dd)] == ["CXR1", "CXR10", "CXR2"]
     assert any("dropped 2 incomplete IU studies" in r.getMessage() for r in caplog.records)
@@ -284,9 +284,9 @@ def test_iu_incomplete_studies(tmp_path, caplog):
 def test_iu_helpers():
     assert iu_frontal_order(["a-4001", "a-3001", "a-1001"], "lowest_suffix") == ["a-1001", "a-3001", "a-4001"]
     assert iu_frontal_order(["a-4001", "a-3001"], "first") == ["a-4001", "a-3001"]
-    assert iu_urgent_from_mesh(["Pulmonary Congestion/mild"]) == 1
-    assert iu_urgent_from_mesh(["Mass/lung/upper lobe/left"]) == 1
-    assert iu_urgent_from_mesh(["Cardiomegaly/mild", "normal"]) == 0
+    assert urgent_from_mesh(["Pulmonary Congestion/mild"]) == 1
+    assert urgent_from_mesh(["Mass/lung/upper lobe/left"]) == 1
+    assert urgent_from_mesh(["Cardiomegaly/mild", "normal"]) == 0
     splits = [hash_split(f"CXR{i}", (0.8, 0.1, 0.1), "qdistill-iu") for i in range(2000)]
     assert splits == [hash_split(f"CXR{i}", (0.8, 0.1, 0.1), "qdistill-iu") for i in range(2000)]
     assert 0.76 < splits.count("train") / 2000 < 0.84 and 0.07 < splits.count("test") / 2000 < 0.13
@@ -350,7 +350,7 @@ def test_mimic_with_rules(tmp_path, monkeypatch):
         calls.append(text)
         return types.SimpleNamespace(urgent=int("effusion" in text), abnormal=1)
 
-    monkeypatch.setitem(sys.modules, "qdistill_hf.priority_rules", types.SimpleNamespace(score_report=score_report))
+    monkeypatch.setitem(sys.modules, "qdistill_hf.labels.priority_rules", types.SimpleNamespace(score_report=score_report))
     root = make_mimic(tmp_path / "m")
     dd = load_cxr_dataset("mimic_cxr", data_dir=str(root), cache_dir=str(tmp_path / "c"), label_source="rules")
     assert [dd[s][0]["label"] for s in ("train", "validation", "test")] == [1, 0, 0]
@@ -367,7 +367,7 @@ def test_mimic_incomplete_and_bad(tmp_path, caplog):
     _csv(root / "priority_scores" / "priority_metadata.csv", ["study_id", "priority_label"], [["50414267", "1"], ["50000002", "0"], ["50000003", "0"]])
     with pytest.raises(ValueError, match=r"2 incomplete MIMIC-CXR studies; first: .*split\.csv\.gz line 3 \(study_id '50000002'\): no \['PA', 'AP'\] image"):
         load_cxr_dataset("mimic_cxr", data_dir=str(root), cache_dir=str(tmp_path / "a"))
-    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data_cxr"):
+    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data.data_cxr"):
         dd = load_cxr_dataset("mimic_cxr", data_dir=str(root), cache_dir=str(tmp_path / "b"), incomplete_studies="drop")
     assert list(dd) == ["train"] and dd["train"]["study_id"] == ["50414267"]
     assert any("dropped 2 incomplete MIMIC-CXR studies" in r.getMessage() for r in caplog.records)
@@ -405,7 +405,7 @@ def test_iu_mesh_rule_matches_human_urgent_labels(shared_data):
     with open(shared_data / "cxr-paired" / "iu_reports_dev.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) > 3000
-    assert sum(iu_urgent_from_mesh(r["mesh_major"]) != r["urgent"] for r in rows) == 0
+    assert sum(urgent_from_mesh(r["mesh_major"]) != r["urgent"] for r in rows) == 0
 
 
 # ------------------------------------------------------------------------------------------ CSV reading and cache keys
@@ -438,7 +438,7 @@ def test_report_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
 def test_side_files_with_unknown_study_ids_are_logged(tmp_path, caplog):
     root = make_folder(tmp_path / "data")
     _csv(root / "priority_scores" / "priority_metadata.csv", ["study_id", "priority_label"], [["s1", "1"], ["zz", "0"]])
-    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data_cxr"):
+    with caplog.at_level(logging.WARNING, logger="qdistill_hf.data.data_cxr"):
         load_folder(root, tmp_path)
     assert any("priority_metadata.csv: 1 study ids are not in the main index" in r.getMessage() and "'zz'" in r.getMessage() for r in caplog.records)
 

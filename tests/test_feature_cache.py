@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from qdistill_hf.feature_cache import cache_image_features, feature_fingerprint, features_as_torch
-from qdistill_hf.processing_qdistill import QDistillImageProcessor
+from qdistill_hf.data.feature_cache import cache_image_features, feature_fingerprint, features_as_torch
+from qdistill_hf.models.processing_qdistill import QDistillImageProcessor
 
 
 NUM_TOKENS, HIDDEN = 17, 32  # (32 / 8)**2 patches + CLS

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qdistill_hf import build_qformer_attention_mask
-from qdistill_hf.loss_qdistill import (
+from qdistill_hf.models.loss_qdistill import (
     distillation_kl_loss,
     embedding_alignment_loss,
     focal_loss,

@@ -8,7 +8,7 @@ from qdistill_hf import (
     QDistillTeacherConfig,
     QDistillTeacherModel,
 )
-from qdistill_hf.loss_qdistill import report_positive_mask, sample_hard_negatives
+from qdistill_hf.models.loss_qdistill import report_positive_mask, sample_hard_negatives
 from tiny_models import NUM_IMAGE_TOKENS, report_batch, student_config, teacher_config
 
 

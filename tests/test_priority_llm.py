@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qdistill_hf.priority_llm import (
+from qdistill_hf.labels.priority_llm import (
     LLMPriorityScorer,
     PriorityParseError,
     PriorityResult,
@@ -15,7 +15,7 @@ from qdistill_hf.priority_llm import (
     parse_priority_json,
     write_priority_metadata,
 )
-from qdistill_hf.resumable import load_errors, run_resumable
+from qdistill_hf.reports.resumable import load_errors, run_resumable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "data_scripts" / "score_priority.py"
@@ -231,7 +231,7 @@ def test_score_priority_cli_llm_end_to_end(tmp_path, capsys):
 def test_hf_chat_retries_are_seeded_and_leave_global_rng_alone(tmp_path):
     import torch
 
-    from qdistill_hf.priority_llm import HFChatGenerate
+    from qdistill_hf.labels.priority_llm import HFChatGenerate
 
     model_dir = _tiny_chat_model(tmp_path / "chat", VALID, ["FINDINGS: clear."], steps=0)
     gen = HFChatGenerate(model_dir, max_new_tokens=6, batch_size=2, retry_temperature=5.0)

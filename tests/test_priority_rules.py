@@ -1,4 +1,4 @@
-"""Tests for the rule-based report scorer (qdistill_hf.priority_rules)."""
+"""Tests for the rule-based report scorer (qdistill_hf.labels.priority_rules)."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qdistill_hf.priority_rules import (
+from qdistill_hf.labels.priority_rules import (
     FINDING_LEXICON,
     ReportScore,
     binary_metrics,
@@ -262,3 +262,15 @@ def test_meets_goals_on_iu_dev(shared_data):
     assert urgent["specificity"] >= 0.90
     assert abnormal["accuracy"] >= 0.90
     assert abnormal["balanced_accuracy"] >= 0.88
+
+
+def test_one_urgency_definition_drives_rules_synthetic_and_mesh():
+    from qdistill_hf.data import synthetic_cxr
+    from qdistill_hf.labels import policy
+    from qdistill_hf.labels.priority_rules import FINDING_LEXICON, URGENT
+
+    assert {n for n, r in FINDING_LEXICON.items() if r.urgency == URGENT} == policy.URGENT_FINDINGS
+    assert synthetic_cxr.URGENT_FINDINGS == policy.URGENT_FINDINGS & set(synthetic_cxr.FINDINGS)
+    assert "cardiomegaly" not in policy.URGENT_FINDINGS
+    assert policy.urgent_from_mesh(["Pulmonary Congestion/mild"]) == 1
+    assert policy.urgent_from_mesh(["Cardiomegaly/mild", "normal"]) == 0

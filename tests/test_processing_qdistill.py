@@ -14,14 +14,14 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 
-from qdistill_hf.processing_qdistill import (
+from qdistill_hf.models.processing_qdistill import (
     CHEXZERO_MEAN,
     CHEXZERO_STD,
     QDistillImageProcessor,
     QDistillProcessor,
     register_processing_auto_classes,
 )
-from qdistill_hf.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
+from qdistill_hf.models.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -298,9 +298,9 @@ def test_cli_dataset_trains_on_train_split_only(tmp_path, monkeypatch):
         calls.append((name, data_dir))
         return _split_dict()
 
-    fake_module = types.ModuleType("qdistill_hf.data_cxr")
+    fake_module = types.ModuleType("qdistill_hf.data.data_cxr")
     fake_module.load_cxr_dataset = fake_load_cxr_dataset
-    monkeypatch.setitem(sys.modules, "qdistill_hf.data_cxr", fake_module)
+    monkeypatch.setitem(sys.modules, "qdistill_hf.data.data_cxr", fake_module)
     cli = _load_cli()
     out = tmp_path / "processor"
     cli.main(["--dataset_name", "synthetic", "--data_dir", str(tmp_path), "--output_dir", str(out),
@@ -323,9 +323,9 @@ def test_real_film_and_reports(shared_data):
 
 
 def test_cli_jsonl_with_dataset_drops_held_out_reports(tmp_path, monkeypatch):
-    fake_module = types.ModuleType("qdistill_hf.data_cxr")
+    fake_module = types.ModuleType("qdistill_hf.data.data_cxr")
     fake_module.load_cxr_dataset = lambda name, data_dir=None, cache_dir=None, **kw: _split_dict()
-    monkeypatch.setitem(sys.modules, "qdistill_hf.data_cxr", fake_module)
+    monkeypatch.setitem(sys.modules, "qdistill_hf.data.data_cxr", fake_module)
     corpus = tmp_path / "reports.jsonl"
     lines = ["Zygomatic  quixotic jjj\nfinding.", "Bronchiectasis seen.", "Bronchiectasis seen."]
     corpus.write_text("".join(json.dumps({"report": r}) + "\n" for r in lines))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qdistill_hf.pseudo_reports import (
+from qdistill_hf.reports.pseudo_reports import (
     DEFAULT_MODEL_ID,
     DEFAULT_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -26,7 +26,7 @@ from qdistill_hf.pseudo_reports import (
     reports_from_records,
     write_medgemma_layout,
 )
-from qdistill_hf.resumable import part_path, read_jsonl
+from qdistill_hf.reports.resumable import part_path, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "data_scripts" / "generate_pseudo_reports.py"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qdistill_hf.resumable import (
+from qdistill_hf.reports.resumable import (
     errors_path,
     load_errors,
     merge_parts,
@@ -163,7 +163,7 @@ SLOW_SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {root!r})
-    from qdistill_hf.resumable import run_resumable
+    from qdistill_hf.reports.resumable import run_resumable
 
     def slow(batch):
         time.sleep(0.05)
@@ -245,7 +245,7 @@ ACCELERATE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, {root!r})
-    from qdistill_hf.resumable import finish_distributed, run_resumable
+    from qdistill_hf.reports.resumable import finish_distributed, run_resumable
 
     items = [{{"study_id": f"s{{i:03d}}", "x": i}} for i in range(9)]
     s = run_resumable(items, lambda b: [{{"y": it["x"] * 2}} for it in b], sys.argv[1], batch_size=2)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdistill_hf import synthetic_cxr
-from qdistill_hf.data_cxr import load_cxr_dataset
-from qdistill_hf.synthetic_cxr import build_report, generate_case, is_urgent, png_bytes, render_case
+from qdistill_hf.data import synthetic_cxr
+from qdistill_hf.data.data_cxr import load_cxr_dataset
+from qdistill_hf.data.synthetic_cxr import build_report, generate_case, is_urgent, png_bytes, render_case
 
 
 def test_render_case_is_deterministic_and_seed_dependent():

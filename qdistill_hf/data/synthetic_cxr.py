@@ -31,10 +31,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..labels import policy
+
 logger = logging.getLogger(__name__)
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "consolidation", "pneumothorax")
-URGENT_FINDINGS = frozenset({"pleural_effusion", "consolidation", "pneumothorax"})
+# The synthetic findings that the label policy (qdistill_hf.labels.policy) calls urgent.
+URGENT_FINDINGS = frozenset(f for f in FINDINGS if f in policy.URGENT_FINDINGS)
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -45,7 +48,7 @@ def is_urgent(findings: Sequence[str]) -> int:
         findings: finding names from ``FINDINGS``.
     """
     _check_findings(findings)
-    return int(any(f in URGENT_FINDINGS for f in findings))
+    return policy.is_urgent(findings)
 
 
 def _check_findings(findings: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ Configs:
   ``medgemma_reports/`` and ``priority_scores/priority_metadata.csv``). Paths are relative to ``data_dir``.
 - ``iu_xray``: Indiana University / Open-i (``NLMCXR_png/`` + ``NLMCXR_reports.tgz`` or ``ecgen-radiology/``).
 - ``mimic_cxr``: MIMIC-CXR-JPG files and CSVs plus MIMIC-CXR report text files, one frontal film per study.
-- ``synthetic``: procedurally drawn films from :mod:`qdistill_hf.synthetic_cxr`; needs no ``data_dir``.
+- ``synthetic``: procedurally drawn films from :mod:`qdistill_hf.data.synthetic_cxr`; needs no ``data_dir``.
 
 Everything is validated in ``_split_generators`` (before any Arrow is written) so errors surface as plain
 ``ValueError``/``FileNotFoundError`` naming the file and the row, not as datasets' wrapped generation error.
@@ -56,6 +56,7 @@ from pathlib import Path
 import datasets
 from PIL import Image as PILImage
 
+from ..labels.policy import LABEL_NAMES, urgent_from_mesh
 from . import synthetic_cxr
 
 logger = logging.getLogger(__name__)
@@ -65,19 +66,6 @@ CORE_COLUMNS = ("study_id", "image", "report", "pseudo_report", "label", "split"
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "test": "test", "validate": "validation", "val": "validation"}
 
-# IU MeSH "urgent" rule, as in shared/data/README.md: a major term names one of these (case-insensitive).
-IU_URGENT_TERMS = (
-    "pneumothorax",
-    "pleural effusion",
-    "pneumonia",
-    "consolidation",
-    "airspace disease",
-    "pulmonary edema",
-    "pulmonary congestion",
-    "infiltrate",
-    "mass",
-    "pneumoperitoneum",
-)
 
 _QDISTILL_KNOWN_COLUMNS = ("study_id", "image_path", "report_path", "split", "priority_label")
 _RESERVED = set(CORE_COLUMNS) | {"source", "view_position", "findings", "mesh_major"}
@@ -124,7 +112,7 @@ class CxrBuilderConfig(datasets.BuilderConfig):
         mimic_reports_dir: root holding ``files/pXX/pYYYYYYY/sZZZZZZZ.txt``; None = ``data_dir``.
         view_preference: ViewPosition values in order of preference (PA before AP); other views are never used.
         label_source: "auto" (``priority_file`` under data_dir if present, else rules), "rules"
-            (``qdistill_hf.priority_rules.score_report(report).urgent``) or "priority_csv".
+            (``qdistill_hf.labels.priority_rules.score_report(report).urgent``) or "priority_csv".
         incomplete_studies: as for ``iu_xray`` (no frontal film, missing report file, empty report).
 
     ``synthetic``:
@@ -133,7 +121,7 @@ class CxrBuilderConfig(datasets.BuilderConfig):
         seed: dataset seed; same seed, same bytes.
     """
 
-    label_names: tuple = ("non_urgent", "urgent")
+    label_names: tuple = LABEL_NAMES
     verify_images: bool = True
     # qdistill_folder
     metadata_file: str = "metadata.csv"
@@ -344,16 +332,6 @@ def _apply_incomplete(problems: list[str], policy: str, what: str) -> None:
     if policy == "error":
         raise ValueError(f"{len(problems)} incomplete {what}; first: {problems[0]} (set incomplete_studies='drop' to skip them)")
     logger.warning("dropped %d incomplete %s (incomplete_studies='drop'); first: %s", len(problems), what, problems[0])
-
-
-def iu_urgent_from_mesh(mesh_major: list[str]) -> int:
-    """1 when a MeSH major term names an urgent finding (``IU_URGENT_TERMS``, case-insensitive), else 0.
-
-    Args:
-        mesh_major: IU MeSH major terms such as ``"Pleural Effusion/right/small"``.
-    """
-    joined = [m.lower() for m in mesh_major]
-    return int(any(term in m for m in joined for term in IU_URGENT_TERMS))
 
 
 def iu_frontal_order(image_ids: list[str], rule: str) -> list[str]:
@@ -655,7 +633,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
                     "image": str(image_path),
                     "report": "\n".join(parts),
                     "pseudo_report": None,
-                    "label": iu_urgent_from_mesh(mesh),
+                    "label": urgent_from_mesh(mesh),
                     "split": hash_split(sid, cfg.split_fractions, cfg.split_seed),
                     "source": "iu_xray",
                     "view_position": "frontal" if projections is not None else None,
@@ -711,7 +689,7 @@ class DataCxr(datasets.GeneratorBasedBuilder):
         else:
             if len(label_names) != 2:
                 raise ValueError(f"label_source='rules' gives binary labels; got label_names={label_names!r}")
-            from qdistill_hf.priority_rules import score_report  # lazy: optional sibling module
+            from ..labels.priority_rules import score_report
         logger.info("mimic_cxr labels from %s", label_source if label_source == "rules" else priority_path)
 
         reports_root = Path(cfg.mimic_reports_dir) if cfg.mimic_reports_dir else data_dir
@@ -822,10 +800,8 @@ __all__ = [
     "CORE_COLUMNS",
     "CxrBuilderConfig",
     "DataCxr",
-    "IU_URGENT_TERMS",
     "hash_split",
     "iu_frontal_order",
-    "iu_urgent_from_mesh",
     "load_cxr_dataset",
     "mimic_report_text",
     "mimic_sections",

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .resumable import atomic_write_text
+from ..utils import atomic_write_text, resolve_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +57,6 @@ _REPORT_RE = re.compile(r"\b(findings?|impressions?)\s*:", re.IGNORECASE)
 def normalize_report_text(text: str) -> str:
     """Lower-case and collapse whitespace; used for identity comparisons between report texts."""
     return " ".join(str(text).split()).lower()
-
-
-def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-    """Defaults for inference: CUDA when available, bfloat16 on CUDA and float32 on CPU.
-
-    Args:
-        device: explicit torch device (or its name), or None.
-        dtype: explicit torch dtype, or None.
-
-    Returns:
-        ``(torch.device, torch.dtype)``.
-    """
-    import torch
-
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, dtype
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -624,6 +606,5 @@ __all__ = [
     "read_folder_metadata",
     "read_medgemma_layout",
     "reports_from_records",
-    "resolve_device_dtype",
     "write_medgemma_layout",
 ]

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .priority_rules import score_report
-from .pseudo_reports import resolve_device_dtype
-from .resumable import atomic_write_text
+from ..utils import atomic_write_text, resolve_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +300,7 @@ class LLMPriorityScorer:
 
 
 def rules_score_batch(reports: Sequence[str]) -> list[dict]:
-    """Score reports with the rule-based scorer (``qdistill_hf.priority_rules.score_report``).
+    """Score reports with the rule-based scorer (``qdistill_hf.labels.priority_rules.score_report``).
 
     Args:
         reports: non-empty report texts (an empty one raises ``ValueError``).

@@ -109,6 +109,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from .policy import URGENT_FINDINGS
+
 logger = logging.getLogger(__name__)
 
 URGENT = "urgent"
@@ -625,6 +627,14 @@ class ReportScore:
 def _compile(patterns: Iterable[str]) -> re.Pattern:
     return re.compile("|".join(f"(?:{p})" for p in patterns))
 
+
+# The lexicon's urgent tier is the label policy's urgent set, nothing more and nothing less.
+_LEXICON_URGENT = {name for name, rule in FINDING_LEXICON.items() if rule.urgency == URGENT}
+if _LEXICON_URGENT != URGENT_FINDINGS:  # pragma: no cover - guards edits of the lexicon or the policy
+    raise RuntimeError(
+        f"FINDING_LEXICON's urgent tier {sorted(_LEXICON_URGENT)} differs from qdistill_hf.labels.policy."
+        f"URGENT_FINDINGS {sorted(URGENT_FINDINGS)}"
+    )
 
 _FINDING_RES = {name: _compile(rule.patterns) for name, rule in FINDING_LEXICON.items()}
 _PSEUDO_RE = _compile(PSEUDO_NEGATIONS)

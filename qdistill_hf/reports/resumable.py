@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 PARTS_DIRNAME = "parts"
@@ -85,25 +87,6 @@ def errors_path(out_dir: str | os.PathLike, rank: int) -> Path:
         rank: process index.
     """
     return Path(out_dir) / PARTS_DIRNAME / f"errors-{rank:05d}.jsonl"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a fsync'ed temporary file and ``os.replace``.
-
-    A reader (or a rerun after a kill) sees either the old file or the complete new one, never a torn file.
-
-    Args:
-        path: destination file (its folder must exist).
-        text: UTF-8 content.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def read_jsonl(path: str | os.PathLike, repair: bool = False, strict: bool = False) -> list[dict]:
@@ -497,7 +480,6 @@ __all__ = [
     "RUN_INFO_NAME",
     "RunSummary",
     "add_runner_arguments",
-    "atomic_write_text",
     "check_run_info",
     "errors_path",
     "finish_distributed",

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: CheXzero (OpenAI CLIP) to transformers' `CLIPVisionModel`."""

@@ -1,0 +1,1 @@
+"""The `datasets` builder, the synthetic film generator and the frozen-feature cache."""

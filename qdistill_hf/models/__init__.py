@@ -1,0 +1,1 @@
+"""The model files a Hub repo carries: configuration, modeling, loss, processing, tokenization."""

@@ -1,0 +1,1 @@
+"""Pseudo-report generation and the resumable, sharded per-study runner."""

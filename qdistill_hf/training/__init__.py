@@ -1,0 +1,1 @@
+"""Training: arguments, collators, the teacher and distillation Trainers, callbacks."""
