@@ -55,6 +55,12 @@ _LAZY = {
     "feature_fingerprint": "data.feature_cache",
     "features_as_torch": "data.feature_cache",
     "score_report": "labels.priority_rules",
+    "QDistillTrainingArguments": "training",
+    "QDistillDataCollator": "training",
+    "QDistillTeacherTrainer": "training",
+    "QDistillDistillationTrainer": "training",
+    "cache_teacher_targets": "training",
+    "compute_auroc_metrics": "training",
 }
 
 
