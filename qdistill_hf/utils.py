@@ -1,7 +1,21 @@
-"""Small helpers shared by the data, labelling, report and training layers (none of them owns these)."""
+"""Small helpers shared by the data, labelling, report and training layers (none of them owns these).
+
+Besides small I/O helpers this module holds the two checks every reader of a data folder goes through:
+
+* :func:`read_csv_rows` / :func:`read_keyed_csv` -- the one CSV reader (``metadata.csv``, the pseudo-report index,
+  ``priority_metadata.csv``, the MIMIC-CXR and IU side files): UTF-8 with or without a byte-order mark, optional gzip,
+  errors naming the file and the line.
+* :func:`resolve_data_path` -- a path read from a data file (``image_path``, ``report_path``...) is resolved against
+  the data folder and refused when it leaves it (``..``, an absolute path, a symlink pointing outside), unless the
+  caller opts in with ``allow_external=True``.
+"""
 
 from __future__ import annotations
 
+import csv
+import errno
+import gzip
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -15,15 +29,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     Args:
         path: destination file (its folder must exist).
         text: UTF-8 content.
+
+    Raises:
+        OSError: the write failed (disk full, read-only folder...); the message names ``path`` and the previous
+            file, if any, is left unchanged.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise named_os_error(exc, path, "write") from exc
     return path
+
+
+def named_os_error(exc: OSError, path: str | os.PathLike, action: str) -> OSError:
+    """An ``OSError`` of the same errno whose message names ``path`` (and says "disk full" for ENOSPC/EDQUOT).
+
+    Args:
+        exc: the original error.
+        path: the file being written or read.
+        action: verb for the message, e.g. ``"write"`` or ``"append to"``.
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        reason = f"{reason} (disk full or quota exceeded: free space and rerun)"
+    return type(exc)(exc.errno, f"cannot {action} {path}: {reason}") if exc.errno else OSError(
+        f"cannot {action} {path}: {reason}")
 
 
 def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
@@ -44,4 +84,249 @@ def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, An
     return device, dtype
 
 
-__all__ = ["atomic_write_text", "resolve_device_dtype"]
+# ----------------------------------------------------------------------------------------------------- paths
+
+
+def resolve_data_path(
+    data_dir: str | os.PathLike,
+    value: str,
+    where: str,
+    field: str,
+    allow_external: bool = False,
+) -> Path:
+    """Resolve a path read from a data file against ``data_dir``, refusing one that leaves the folder.
+
+    A path is refused when it is absolute, when ``..`` components take it out of ``data_dir``, or when it (or a
+    folder on the way) is a symlink resolving outside ``data_dir``. Paths are compared after ``os.path.realpath``,
+    so a ``data_dir`` that is itself a symlink is fine.
+
+    Args:
+        data_dir: the data folder the path is relative to.
+        value: the path as written in the file (stripped by the caller).
+        where: text naming the file and row, e.g. ``"metadata.csv line 4 (study_id 's3')"``.
+        field: the column name, e.g. ``"image_path"``.
+        allow_external: accept absolute paths and paths outside ``data_dir`` (explicit opt-in).
+
+    Returns:
+        ``data_dir / value`` (not resolved, so messages keep the user's spelling), or ``value`` when it is absolute
+        and ``allow_external`` is set.
+
+    Raises:
+        ValueError: the value is empty, holds a NUL byte, or leaves ``data_dir``; the message names ``where``,
+            ``field`` and the value.
+    """
+    if not value:
+        raise ValueError(f"{where}: empty {field}")
+    if "\x00" in value:
+        raise ValueError(f"{where}: {field} {value!r} contains a NUL byte")
+    root = Path(data_dir)
+    candidate = Path(value).expanduser() if allow_external else Path(value)
+    if candidate.is_absolute():
+        if allow_external:
+            return candidate
+        raise ValueError(
+            f"{where}: {field} {value!r} is an absolute path; paths must be relative to the data folder {root} "
+            "(pass allow_external_paths=True to accept paths outside it)"
+        )
+    joined = root / candidate
+    if allow_external:
+        return joined
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(joined))
+    if real != real_root and real_root not in real.parents:
+        how = "through a symlink " if os.path.realpath(os.path.abspath(joined)) != os.path.normpath(
+            os.path.abspath(joined)) else ""
+        raise ValueError(
+            f"{where}: {field} {value!r} resolves {how}to {real}, outside the data folder {real_root}; "
+            "paths must stay inside it (pass allow_external_paths=True to accept paths outside it)"
+        )
+    return joined
+
+
+# ------------------------------------------------------------------------------------------------------- CSV
+
+
+def _decode_text(data: bytes, path: Path) -> str:
+    """UTF-8 text of ``data`` (a leading byte-order mark dropped); undecodable bytes name the file and line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} line {line}: not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_csv_rows(
+    path: str | os.PathLike,
+    required: tuple[str, ...] = (),
+    require_rows: bool = True,
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Read a (optionally gzipped, ``.gz``) UTF-8 CSV: the one CSV reader of the package.
+
+    A byte-order mark (as Excel writes) is dropped, header names and values are stripped, blank lines are skipped
+    and line numbers are those where each row starts (a quoted field may span lines).
+
+    Args:
+        path: the CSV file.
+        required: column names that must be present in the header.
+        require_rows: raise when the file has a header but no data row.
+
+    Returns:
+        ``(header, rows)`` where ``rows`` is a list of ``(line number, {column: value})``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the path is a folder, the file is empty, not UTF-8 or not parseable, the header has an empty or
+            repeated column name, a required column is missing, a row has more or fewer fields than the header,
+            or (``require_rows``) there is no data row. Every message names the file and, where there is one, the
+            line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, expected a CSV file")
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    text = _decode_text(data, path)
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty (expected a header line with the column names)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+        missing_names = [i + 1 for i, h in enumerate(header) if not h]
+        if missing_names:
+            raise ValueError(f"{path} line 1: header column(s) {missing_names} have no name; header is {header}")
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise ValueError(f"{path} line 1: column(s) {repeated} appear more than once in the header {header}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing required column(s) {missing}; found {header}")
+        rows: list[tuple[int, dict[str, str]]] = []
+        end = reader.line_num
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields or (len(fields) == 1 and not fields[0].strip() and len(header) > 1):
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path} line {start}: {len(fields)} fields, but the header has {len(header)}")
+            rows.append((start, {k: v.strip() for k, v in zip(header, fields)}))
+    except csv.Error as exc:
+        raise ValueError(f"{path} line {reader.line_num}: not parseable as CSV ({exc})") from None
+    if require_rows and not rows:
+        raise ValueError(f"{path}: no data rows after the header {header}")
+    return header, rows
+
+
+def read_keyed_csv(
+    path: str | os.PathLike,
+    required: tuple[str, ...] = (),
+    key: str = "study_id",
+    require_rows: bool = True,
+) -> dict[str, tuple[int, dict[str, str]]]:
+    """:func:`read_csv_rows` rows by ``key`` in file order; an empty or repeated key is an error naming the line.
+
+    Args:
+        path: the CSV file.
+        required: columns that must be present besides ``key``.
+        key: the id column.
+        require_rows: see :func:`read_csv_rows`.
+
+    Returns:
+        ``{key value: (line number, row)}``.
+    """
+    rows: dict[str, tuple[int, dict[str, str]]] = {}
+    _, table = read_csv_rows(path, (key, *required), require_rows=require_rows)
+    for line, row in table:
+        value = row[key]
+        if not value:
+            raise ValueError(f"{path} line {line}: empty {key}")
+        if value in rows:
+            raise ValueError(f"{path} line {line} ({key} {value!r}): duplicate {key}, first seen on line {rows[value][0]}")
+        rows[value] = (line, row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def check_local_model_dir(name_or_path: str | os.PathLike, what: str) -> str:
+    """Say plainly when a model argument names a local folder that does not exist, before ``from_pretrained``.
+
+    ``from_pretrained`` treats anything that is not an existing folder as a Hub repo id, so a mistyped local path
+    ends in "couldn't connect to huggingface.co" (offline) or "is not a valid model identifier". A value that
+    cannot be a Hub id (absolute, starting with ``.``/``~``, more than one ``/``, a trailing ``/``) or that
+    exists as a file is reported here instead.
+
+    Args:
+        name_or_path: the folder or Hub id given by the user.
+        what: the argument's name for the message, e.g. ``"--vision_model"``.
+
+    Returns:
+        ``str(name_or_path)``.
+
+    Raises:
+        FileNotFoundError: it looks like a local path and no such folder exists.
+        NotADirectoryError: it is an existing file, not a folder.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return text
+    if path.exists():
+        raise NotADirectoryError(f"{what} {text!r} is a file; expected a model folder (config.json + weights)")
+    looks_local = (
+        isinstance(name_or_path, Path)
+        or path.is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or text.endswith(("/", os.sep))
+        or (os.sep != "/" and os.sep in text)
+    )
+    if looks_local:
+        raise FileNotFoundError(f"{what} folder not found: {text} (no such directory)")
+    return text
+
+
+def load_pretrained(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name_or_path, **kwargs)`` whose errors say whether a local folder was missing.
+
+    Args:
+        loader: a class with ``from_pretrained`` (``AutoProcessor``, ``CLIPVisionModel``...).
+        name_or_path: local folder or Hub id.
+        what: the argument's name for messages.
+        kwargs: forwarded to ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: see :func:`check_local_model_dir`.
+        OSError: loading failed; the message says that no local folder of that name exists when that is the case.
+    """
+    text = check_local_model_dir(name_or_path, what)
+    try:
+        return loader.from_pretrained(text, **kwargs)
+    except OSError as exc:
+        if Path(text).expanduser().is_dir():
+            raise
+        raise OSError(
+            f"{what} {text!r}: there is no local folder of that name, and loading it as a Hub repo id failed "
+            f"({exc})"
+        ) from exc
+
+
+__all__ = [
+    "atomic_write_text",
+    "check_local_model_dir",
+    "load_pretrained",
+    "named_os_error",
+    "read_csv_rows",
+    "read_keyed_csv",
+    "resolve_data_path",
+    "resolve_device_dtype",
+]

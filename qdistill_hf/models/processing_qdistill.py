@@ -19,8 +19,14 @@ CHEXZERO_MEAN = 101.48761
 CHEXZERO_STD = 83.43944
 
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+_ALPHA_MODES = ("RGBA", "LA", "PA")
+_TO_RGB_MODES = ("CMYK", "YCbCr", "RGBX")
+_CONVERTIBLE_MODES = ("1", "L", "P", "RGB") + _ALPHA_MODES + _TO_RGB_MODES
 _UINT16_MAX = 65535
+
+# Films whose short side is below this many pixels are refused: upscaled to 224 they become a few flat blocks (a
+# 1x1 image becomes a constant film) and carry nothing to triage. The shared real films are 64x64.
+MIN_IMAGE_SIDE = 16
 
 
 class QDistillImageProcessorKwargs(ImagesKwargs, total=False):
@@ -29,15 +35,12 @@ class QDistillImageProcessorKwargs(ImagesKwargs, total=False):
     Attributes:
         resize_mode (`str`): `"pad"` (keep aspect ratio, zero-pad to the target size) or `"squash"`.
         high_bit_depth_scaling (`str`): how 16-bit films become 8-bit: `"min_max"` or `"full_range"`.
+        min_image_side (`int`): smallest accepted short side in pixels (default [`MIN_IMAGE_SIDE`] = 16).
     """
 
     resize_mode: Literal["pad", "squash"]
     high_bit_depth_scaling: Literal["min_max", "full_range"]
-
-
-def _image_name(image: Image.Image) -> str:
-    filename = getattr(image, "filename", "") or ""
-    return f" (file {filename!r})" if filename else ""
+    min_image_side: int
 
 
 def scale_high_bit_depth(array: np.ndarray, scaling: str, name: str = "") -> np.ndarray:
@@ -77,6 +80,168 @@ def scale_high_bit_depth(array: np.ndarray, scaling: str, name: str = "") -> np.
     return np.rint(scaled).astype(np.uint8)
 
 
+def _composite_on_black(values: np.ndarray) -> np.ndarray:
+    """`(H, W, C+1)` float values in [0, 255] with a trailing alpha channel -> `(H, W, C)` composited on black."""
+    colour, alpha = values[..., :-1], values[..., -1:]
+    return colour * (alpha / 255.0)
+
+
+def _check_size(width: int, height: int, name: str, min_side: int) -> None:
+    if min(width, height) < min_side:
+        raise ValueError(
+            f"{name} is {width}x{height} pixels; films need at least {min_side} pixels on the short side "
+            "(upscaled to the model's input, a smaller image is a few flat blocks with nothing to read). "
+            "Pass min_image_side=... to the image processor to change the limit."
+        )
+
+
+def _array_to_eight_bit(array: np.ndarray, name: str, scaling: str) -> np.ndarray:
+    """Validate a numpy image and return it as `(H, W)` or `(H, W, 3)` uint8 (alpha composited on black)."""
+    if array.size == 0 or array.ndim not in (2, 3):
+        raise ValueError(
+            f"{name}: an array of shape {tuple(array.shape)} is not an image; expected (H, W), (H, W, C) or (C, H, W) "
+            "with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)."
+        )
+    if array.ndim == 3:
+        if array.shape[-1] in (1, 2, 3, 4):
+            pass
+        elif array.shape[0] in (1, 2, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        else:
+            raise ValueError(
+                f"{name}: an array of shape {tuple(array.shape)} has no channel axis of size 1, 2, 3 or 4 first or "
+                "last; expected (H, W), (H, W, C) or (C, H, W)."
+            )
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    channels = 1 if array.ndim == 2 else array.shape[-1]
+    dtype = array.dtype
+    if dtype == np.uint8:
+        values = array.astype(np.float64)
+    elif dtype.kind == "f":
+        values = array.astype(np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"{name}: the float array holds {bad} NaN or inf value(s); a film must be finite.")
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{name}: float values span [{low:g}, {high:g}]; float films must lie in [0, 1] or [0, 255] "
+                "(normalised pixel_values cannot be re-processed; cast 16-bit data to uint16)."
+            )
+        if high <= 1.0:
+            # [0, 1] intensities. A [0, 255] film whose maximum is <= 1 is black either way (<= 1/255).
+            values = values * 255.0
+    elif dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > _UINT16_MAX:
+            raise ValueError(
+                f"{name}: integer values span [{low}, {high}]; expected [0, 255] (8-bit) or [0, {_UINT16_MAX}] (16-bit)."
+            )
+        if dtype == np.uint16 or high > 255:
+            if channels != 1:
+                raise ValueError(
+                    f"{name}: 16-bit data with {channels} channels is not supported; pass one grey channel."
+                )
+            return scale_high_bit_depth(array, scaling, f" ({name})")
+        values = array.astype(np.float64)
+    else:
+        raise ValueError(
+            f"{name}: arrays of dtype {dtype} are not images; expected uint8, uint16, another integer type holding "
+            "0-255 or 0-65535, or float in [0, 1] or [0, 255]."
+        )
+    if channels in (2, 4):
+        values = _composite_on_black(values)
+    return np.rint(values).astype(np.uint8)
+
+
+def to_eight_bit_film(
+    image,
+    name: str = "image",
+    high_bit_depth_scaling: str = "min_max",
+    min_side: int = MIN_IMAGE_SIDE,
+) -> Image.Image:
+    """Turn one input film into an 8-bit PIL image of mode `"L"` or `"RGB"`, refusing what cannot be a film.
+
+    Rules (the image processor and the pseudo-report loaders all go through this function):
+
+    - PIL images: `"L"`/`"RGB"` as they are; `"1"`, `"CMYK"`, `"YCbCr"`, `"RGBX"`, `"P"` converted by PIL; 16-bit
+      modes (`"I;16*"`, `"I"`) by [`scale_high_bit_depth`]; `"F"` (float) by the float rule below. Images with
+      transparency (`"RGBA"`, `"LA"`, `"PA"`, `"P"` with a transparency key) are **composited on black**, the
+      background of a radiograph: a fully transparent pixel becomes black, never white.
+    - Arrays (numpy, or torch tensors, moved to CPU): shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with C = 1 (grey),
+      2 (grey + alpha), 3 (RGB) or 4 (RGBA; alpha composited on black). `uint8` as is; `uint16` (and other integer
+      types holding values above 255) by [`scale_high_bit_depth`]; other integer types with values in [0, 255] as
+      8-bit; **float arrays are read as [0, 1] intensities when their maximum is <= 1, else as [0, 255]**; NaN/inf,
+      negative values or values above the range are errors.
+    - Every film must have at least `min_side` pixels on its short side ([`MIN_IMAGE_SIDE`] = 16 by default).
+
+    Args:
+        image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`): the film.
+        name (`str`, *optional*): text naming the image in error messages (a PIL image's file name is added).
+        high_bit_depth_scaling (`str`, *optional*, defaults to `"min_max"`): see [`scale_high_bit_depth`].
+        min_side (`int`, *optional*, defaults to 16): minimum short side in pixels.
+
+    Returns:
+        `PIL.Image.Image` of mode `"L"` or `"RGB"`.
+
+    Raises:
+        ValueError: an unsupported type, mode, shape, dtype or value range, non-finite values, or a film below the
+            minimum size; the message names the image (and its file when known).
+        OSError: a lazily opened file fails to decode (e.g. truncated); the message names the file.
+    """
+    if isinstance(image, Image.Image):
+        filename = getattr(image, "filename", "") or ""
+        name = f"{name} (file {filename!r})" if filename else name
+        width, height = image.size
+        _check_size(width, height, name, min_side)
+        try:
+            image.load()
+        except OSError as exc:
+            raise OSError(f"{name}: cannot decode the image ({exc}); the file is truncated or corrupt") from exc
+        mode = image.mode
+        if mode in _HIGH_BIT_DEPTH_MODES:
+            return Image.fromarray(scale_high_bit_depth(np.asarray(image), high_bit_depth_scaling, f" ({name})"), mode="L")
+        if mode == "F":
+            return Image.fromarray(_array_to_eight_bit(np.asarray(image, dtype=np.float32), name, high_bit_depth_scaling))
+        if mode not in _CONVERTIBLE_MODES:
+            raise ValueError(
+                f"Unsupported PIL image mode {mode!r} for {name}; expected one of "
+                f"{list(_CONVERTIBLE_MODES + _HIGH_BIT_DEPTH_MODES + ('F',))}."
+            )
+        if mode == "P":
+            mode = "PA" if "transparency" in image.info else "RGB"
+            image = image.convert("RGBA" if mode == "PA" else "RGB")
+            mode = image.mode
+        if mode in _ALPHA_MODES:
+            grey = mode == "LA"
+            values = np.asarray(image.convert("LA" if grey else "RGBA"), dtype=np.float64)
+            return Image.fromarray(np.rint(_composite_on_black(values)[..., 0] if grey else _composite_on_black(values))
+                                   .astype(np.uint8), mode="L" if grey else "RGB")
+        if mode == "1":
+            return image.convert("L")
+        if mode in _TO_RGB_MODES:
+            return image.convert("RGB")
+        return image
+    if type(image).__module__.startswith("torch"):
+        import torch
+
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"{name} is a {type(image).__name__}, not a PIL image, numpy array or torch tensor.")
+        tensor = image.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype != torch.float64:
+            tensor = tensor.float()
+        image = tensor.numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"{name} is a {type(image).__name__}, not a PIL image, numpy array or torch tensor; open files yourself "
+            "(PIL.Image.open) so errors name the file."
+        )
+    array = _array_to_eight_bit(image, name, high_bit_depth_scaling)
+    _check_size(array.shape[1], array.shape[0], name, min_side)
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
+
+
 class QDistillImageProcessor(CLIPImageProcessorPil):
     r"""
     Chest X-ray image processor for the frozen CheXzero (CLIP ViT-B/32) encoder, on the PIL backend.
@@ -100,11 +265,15 @@ class QDistillImageProcessor(CLIPImageProcessorPil):
 
     16-bit films (PIL modes `I;16*`, or `I` holding values in [0, 65535], or `uint16` arrays) are mapped to 8-bit
     explicitly by `high_bit_depth_scaling` (see [`scale_high_bit_depth`]), because PIL's own conversion saturates
-    every value above 255 to white. Float PIL images (mode `F`) and other exotic modes are rejected.
+    every value above 255 to white. Every input goes through [`to_eight_bit_film`] first: float arrays in [0, 1] are
+    scaled to [0, 255] (never divided by 255 twice), transparent pixels are composited on black, and NaN/inf values,
+    unsupported shapes, dtypes or modes and films under `min_image_side` pixels (default 16) are errors naming the
+    batch index and the file.
 
     Args:
         resize_mode (`str`, *optional*, defaults to `"pad"`): `"pad"` or `"squash"`, see above.
         high_bit_depth_scaling (`str`, *optional*, defaults to `"min_max"`): `"min_max"` or `"full_range"`.
+        min_image_side (`int`, *optional*, defaults to 16): smallest accepted short side of an input film, in pixels.
         kwargs: any `CLIPImageProcessorPil` argument (`size`, `resample`, `image_mean`, `image_std`, `do_rescale`, ...).
 
     Example:
@@ -129,6 +298,7 @@ class QDistillImageProcessor(CLIPImageProcessorPil):
     return_tensors = "pt"
     resize_mode = "pad"
     high_bit_depth_scaling = "min_max"
+    min_image_side = MIN_IMAGE_SIDE
     model_input_names = ["pixel_values"]
 
     def __init__(self, **kwargs):
@@ -139,6 +309,8 @@ class QDistillImageProcessor(CLIPImageProcessorPil):
             raise ValueError(
                 f"high_bit_depth_scaling must be 'min_max' or 'full_range', got {self.high_bit_depth_scaling!r}."
             )
+        if isinstance(self.min_image_side, bool) or not isinstance(self.min_image_side, int) or self.min_image_side < 1:
+            raise ValueError(f"min_image_side must be a positive integer, got {self.min_image_side!r}.")
 
     @classmethod
     def chexzero_preset(cls, **kwargs) -> "QDistillImageProcessor":
@@ -160,45 +332,34 @@ class QDistillImageProcessor(CLIPImageProcessorPil):
         settings.update(kwargs)
         return cls(**settings)
 
-    def _to_eight_bit(self, image, high_bit_depth_scaling: str):
-        if isinstance(image, Image.Image):
-            name = _image_name(image)
-            if image.mode in _HIGH_BIT_DEPTH_MODES:
-                grey = scale_high_bit_depth(np.asarray(image), high_bit_depth_scaling, name)
-                return Image.fromarray(grey, mode="L")
-            if image.mode not in _CONVERTIBLE_MODES:
-                raise ValueError(
-                    f"Unsupported PIL image mode {image.mode!r}{name}; expected one of "
-                    f"{list(_CONVERTIBLE_MODES + _HIGH_BIT_DEPTH_MODES)}."
-                )
-            return image
-        if isinstance(image, np.ndarray):
-            if image.dtype == np.uint16:
-                return scale_high_bit_depth(image, high_bit_depth_scaling)
-            return image
-        if type(image).__module__.startswith("torch"):
-            return image
-        raise ValueError(
-            f"QDistillImageProcessor expects PIL images, numpy arrays or torch tensors, got {type(image).__name__}."
-        )
+    @staticmethod
+    def _as_batch(images) -> list:
+        """A flat list of images from one image, a list/tuple of images, or a 4-D array/tensor (a stacked batch)."""
+        if isinstance(images, (list, tuple)):
+            batch = list(images)
+            if not batch:
+                raise ValueError("QDistillImageProcessor got an empty list of images.")
+            for index, image in enumerate(batch):
+                if isinstance(image, (list, tuple)):
+                    raise ValueError(
+                        f"Image {index} of the batch is a {type(image).__name__}; pass a flat list of images."
+                    )
+            return batch
+        if getattr(images, "ndim", None) == 4 and (
+            isinstance(images, np.ndarray) or type(images).__module__.startswith("torch")
+        ):
+            return list(images)
+        return [images]
 
-    def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs):
-        """Convert one raw image to a channels-first `uint8` (or float) array, scaling 16-bit films to 8-bit first."""
+    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs) -> list[np.ndarray]:
+        """Validate and convert every film with [`to_eight_bit_film`], then to channels-first `uint8` RGB."""
         scaling = kwargs.get("high_bit_depth_scaling") or self.high_bit_depth_scaling
-        image = self._to_eight_bit(image, scaling)
-        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
-
-    def _prepare_images_structure(self, images, expected_ndims: int = 3):
-        batch = images if isinstance(images, (list, tuple)) else [images]
-        for index, image in enumerate(batch):
-            if isinstance(image, (list, tuple)):
-                continue
-            if not (isinstance(image, (Image.Image, np.ndarray)) or type(image).__module__.startswith("torch")):
-                raise ValueError(
-                    f"Image {index} of the batch is a {type(image).__name__}, not a PIL image, numpy array or torch "
-                    "tensor; open files yourself (PIL.Image.open) so errors name the file."
-                )
-        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+        min_side = kwargs.get("min_image_side") or self.min_image_side
+        films = [
+            to_eight_bit_film(image, f"Image {index} of the batch", scaling, min_side)
+            for index, image in enumerate(self._as_batch(images))
+        ]
+        return [super(QDistillImageProcessor, self).process_image(film, do_convert_rgb=True) for film in films]
 
     def resize_to_target(self, image: np.ndarray, size: SizeDict, resample, resize_mode: str) -> np.ndarray:
         """Resize a channels-first image to `size` by letterboxing (`"pad"`) or squashing (`"squash"`).
@@ -344,6 +505,11 @@ class QDistillProcessor(ProcessorMixin):
             data.update(encoded)
         if images is not None:
             pixel_values = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]
+            if text is not None and len(pixel_values) != len(data["input_ids"]):
+                raise ValueError(
+                    f"QDistillProcessor got {len(pixel_values)} images but {len(data['input_ids'])} texts; pass one "
+                    "report per film (or call it with images only)."
+                )
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -380,9 +546,11 @@ def register_processing_auto_classes(config_classes: Iterable[type] = ()) -> Non
 __all__ = [
     "CHEXZERO_MEAN",
     "CHEXZERO_STD",
+    "MIN_IMAGE_SIDE",
     "QDistillImageProcessor",
     "QDistillImageProcessorKwargs",
     "QDistillProcessor",
     "register_processing_auto_classes",
     "scale_high_bit_depth",
+    "to_eight_bit_film",
 ]
