@@ -254,6 +254,64 @@ def read_keyed_csv(
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def open_image_file(path: str | os.PathLike, load: bool = True) -> Any:
+    """Open an image file with errors that name it; PIL's decompression-bomb warning becomes an error.
+
+    PIL warns above ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels by default, about 9459 x 9459) and refuses
+    twice that; a chest film is far below (a 4k x 4k film is 16.8 M pixels), so anything above the limit is refused
+    here. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` yourself for genuine larger images.
+
+    Args:
+        path: the image file.
+        load: decode the pixels now (and close the file), so a truncated file fails here, naming it.
+
+    Returns:
+        The ``PIL.Image.Image`` (loaded when ``load``; otherwise lazily opened with only the header read).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        IsADirectoryError: the path is a folder.
+        PIL.UnidentifiedImageError: the file is not an image PIL can read (PIL's message names the file).
+        ValueError: the image is above the decompression-bomb limit.
+        OSError: decoding failed (truncated or corrupt file); the message names the file.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"image path {path} is a directory, expected an image file")
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"image file not found: {path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ValueError(
+                f"{path}: {exc} Films are far below this limit; if the image is genuine, raise "
+                "PIL.Image.MAX_IMAGE_PIXELS."
+            ) from None
+        except UnidentifiedImageError:
+            raise
+        except OSError as exc:
+            raise OSError(f"{path}: cannot read the image header ({exc}); the file is truncated or corrupt") from exc
+    if load:
+        try:
+            with image:
+                image.load()
+        except OSError as exc:
+            raise OSError(
+                f"{path}: cannot decode the image ({exc}); the file is truncated or corrupt (was it changed or "
+                "still being copied?)"
+            ) from exc
+    return image
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 
@@ -325,6 +383,7 @@ __all__ = [
     "check_local_model_dir",
     "load_pretrained",
     "named_os_error",
+    "open_image_file",
     "read_csv_rows",
     "read_keyed_csv",
     "resolve_data_path",

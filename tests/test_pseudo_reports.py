@@ -261,10 +261,10 @@ def test_dataset_column():
 
 def test_read_folder_metadata_errors(tmp_path):
     (tmp_path / "metadata.csv").write_text("study_id,image_path,split\na,x.png,train\n")
-    with pytest.raises(ValueError, match=r"metadata.csv: missing column\(s\) \['report_path'\]"):
+    with pytest.raises(ValueError, match=r"metadata.csv: missing required column\(s\) \['report_path'\]"):
         read_folder_metadata(tmp_path)
     (tmp_path / "metadata.csv").write_text("study_id,image_path,report_path,split\na,x,y,train\na,x,y,test\n")
-    with pytest.raises(ValueError, match=r"row 3: duplicate study_id 'a'"):
+    with pytest.raises(ValueError, match=r"metadata.csv line 3 \(study_id 'a'\): duplicate study_id, first seen on line 2"):
         read_folder_metadata(tmp_path)
 
 
@@ -275,7 +275,7 @@ def test_hf_generator_batched_matches_single(tiny_gemma3):
     gen = HFPseudoReportGenerator(tiny_gemma3, max_new_tokens=4, batch_size=3)
     assert gen.processor.tokenizer.padding_side == "left"
     assert gen.dtype == torch.float32 and gen.device.type == "cpu"
-    images = [Image.new("L", (20, 30), 10), Image.new("RGB", (16, 16), (200, 10, 10)), Image.new("L", (8, 8), 255)]
+    images = [Image.new("L", (20, 30), 10), Image.new("RGB", (16, 16), (200, 10, 10)), Image.new("L", (16, 16), 255)]
     batched = gen.generate(images)
     gen.batch_size = 1
     single = gen.generate(images)
@@ -286,7 +286,7 @@ def test_hf_generator_batched_matches_single(tiny_gemma3):
 
 def test_generate_cli_hf_and_kill_resume(tiny_gemma3, tmp_path, capsys):
     data = tmp_path / "data"
-    rows = _make_folder(data, n=24, n_train=16, size=(12, 12))
+    rows = _make_folder(data, n=24, n_train=16, size=(16, 16))
     out = data / "medgemma_reports"
     cmd = [sys.executable, str(SCRIPT), "--data_dir", str(data), "--generator", "hf", "--model_id", str(tiny_gemma3),
            "--batch_size", "1", "--max_new_tokens", "12"]

@@ -1,8 +1,11 @@
 """Train the radiology-report tokenizer (WordPiece or BPE) used by the Q-DISTILL Q-Former text stream."""
 
+import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -28,6 +31,7 @@ def train_report_tokenizer(
     algorithm: str = "wordpiece",
     model_max_length: int = 256,
     min_frequency: int = 2,
+    source: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a report tokenizer from scratch with the `tokenizers` library.
 
@@ -51,6 +55,7 @@ def train_report_tokenizer(
         algorithm (`str`, *optional*, defaults to `"wordpiece"`): `"wordpiece"` or `"bpe"`.
         model_max_length (`int`, *optional*, defaults to 256): truncation length, `[CLS]`/`[SEP]` included.
         min_frequency (`int`, *optional*, defaults to 2): minimum count for a merge/sub-word to enter the vocabulary.
+        source (`str`, *optional*): where the corpus came from (a file, a split), named in error messages.
 
     Returns:
         `PreTrainedTokenizerFast` with `pad_token_id == 0`.
@@ -63,17 +68,20 @@ def train_report_tokenizer(
         raise ValueError(f"algorithm must be one of {list(_ALGORITHMS)}, got {algorithm!r}.")
     if model_max_length < 2:
         raise ValueError(f"model_max_length must be at least 2 ([CLS] and [SEP]), got {model_max_length}.")
+    origin = f" of {source}" if source else ""
     corpus = []
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"Report {index} of the corpus is a {type(text).__name__}, not a string.")
+            raise ValueError(f"Report {index} of the corpus{origin} is a {type(text).__name__}, not a string.")
         corpus.append(text)
     normalizer = _report_normalizer()
     alphabet = set()
     for text in corpus:
         alphabet.update(char for char in normalizer.normalize_str(text) if not char.isspace())
     if not alphabet:
-        raise ValueError(f"The report corpus is empty ({len(corpus)} texts, none with a non-space character).")
+        raise ValueError(
+            f"The report corpus{origin} is empty ({len(corpus)} texts, none with a non-space character)."
+        )
     # WordPiece holds every character twice: as a first piece and as a "##" continuation piece.
     pieces_per_character = 2 if algorithm == "wordpiece" else 1
     minimum = len(SPECIAL_TOKENS) + pieces_per_character * len(alphabet)
@@ -201,14 +209,66 @@ def build_report_tokenizer(
                 f"Row {row} of the 'train' split has field {text_column!r} of type {type(report).__name__}, "
                 "expected a string."
             )
-    logger.info("Training the report tokenizer on %d train reports (splits ignored: %s).", len(reports), splits)
+    ignored = [split for split in splits if split != "train"]
+    logger.info("Training the report tokenizer on %d train reports (splits ignored: %s).", len(reports), ignored)
     return train_report_tokenizer(
         reports,
         vocab_size=vocab_size,
         algorithm=algorithm,
         model_max_length=model_max_length,
         min_frequency=min_frequency,
+        source=f"the 'train' split ({len(reports)} rows, column {text_column!r})",
     )
+
+
+def read_reports_jsonl(path: str | os.PathLike, field: str = "report") -> list[str]:
+    """Read the `field` string of every line of a JSON-lines report corpus.
+
+    Args:
+        path (`str` or `os.PathLike`): the `.jsonl` file.
+        field (`str`, *optional*, defaults to `"report"`): the text field.
+
+    Returns:
+        `list[str]`, one report per non-blank line.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the path is a folder; the file is not UTF-8; a line is not a JSON object, lacks `field` or holds
+            a non-string there; or the file has no report with a non-space character. Every message names the file
+            (and the line).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Reports file {path} is a directory, expected a JSON-lines file.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Reports file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 (byte {data[error.start]:#04x}).") from None
+    reports = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({error}).") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}, line {line_number}: no field {field!r}.")
+        if not isinstance(record[field], str):
+            raise ValueError(
+                f"{path}, line {line_number}: field {field!r} is {type(record[field]).__name__}, expected a string."
+            )
+        reports.append(record[field])
+    if not any(report.strip() for report in reports):
+        raise ValueError(
+            f"{path}: no report to train on ({len(reports)} lines with a {field!r} field, none with text); "
+            "the file is empty or holds only blank reports."
+        )
+    return reports
 
 
 __all__ = [
@@ -219,5 +279,6 @@ __all__ = [
     "SPECIAL_TOKENS",
     "UNK_TOKEN_ID",
     "build_report_tokenizer",
+    "read_reports_jsonl",
     "train_report_tokenizer",
 ]

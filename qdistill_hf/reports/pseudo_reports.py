@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -25,7 +26,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text, resolve_device_dtype
+from ..utils import (
+    atomic_write_text,
+    load_pretrained,
+    open_image_file,
+    read_keyed_csv,
+    resolve_data_path,
+    resolve_device_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +105,10 @@ class HFPseudoReportGenerator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.generation_kwargs = {"do_sample": False, **(generation_kwargs or {})}
-        self.processor = AutoProcessor.from_pretrained(str(model_id_or_path))
+        self.processor = load_pretrained(AutoProcessor, model_id_or_path, "model_id_or_path")
         # Decoder-only batched generation needs the prompts aligned on the right.
         self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(str(model_id_or_path), dtype=self.dtype)
+        self.model = load_pretrained(AutoModelForImageTextToText, model_id_or_path, "model_id_or_path", dtype=self.dtype)
         self.model.to(self.device).eval()
 
     def build_conversation(self, image: Any) -> list[dict]:
@@ -117,19 +125,24 @@ class HFPseudoReportGenerator:
         return messages
 
     def generate(self, images: Sequence[Any]) -> list[str]:
-        """Generate one report per PIL image (converted to RGB), in chunks of ``batch_size``.
+        """Generate one report per film, in chunks of ``batch_size``.
 
         Args:
-            images: PIL images.
+            images: PIL images (or arrays); each goes through
+                :func:`~qdistill_hf.models.processing_qdistill.to_eight_bit_film` (transparency composited on black,
+                16-bit scaled, too-small or non-finite films refused) and is then converted to RGB.
 
         Returns:
             The decoded new tokens of each image, special tokens skipped, whitespace stripped.
         """
         import torch
 
+        from ..models.processing_qdistill import to_eight_bit_film
+
+        films = [to_eight_bit_film(img, f"image {i}").convert("RGB") for i, img in enumerate(images)]
         reports: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [img.convert("RGB") for img in images[start:start + self.batch_size]]
+        for start in range(0, len(films), self.batch_size):
+            chunk = films[start:start + self.batch_size]
             inputs = self.processor.apply_chat_template(
                 [self.build_conversation(img) for img in chunk], add_generation_prompt=True, tokenize=True,
                 return_dict=True, return_tensors="pt", processor_kwargs={"padding": True},
@@ -173,42 +186,60 @@ def image_embeddings_from_features(image_features: Any, pooling: str = "mean_pat
 
 
 class CLIPImageEmbedder:
-    """Frozen ``CLIPVisionModel`` (e.g. a converted CheXzero folder) turning PIL images into one vector each.
+    """Frozen ``CLIPVisionModel`` (e.g. a converted CheXzero folder) turning films into one vector each.
+
+    Preprocessing is always a :class:`~qdistill_hf.models.processing_qdistill.QDistillImageProcessor` (aspect ratio
+    kept, zero-padded to a square), so non-square films work and the retrieval embeddings see the same pixels as
+    the teacher and student:
+
+    * the folder's own ``preprocessor_config.json`` when it is a ``QDistillImageProcessor`` (what
+      ``convert_chexzero.py`` writes: ``QDistillImageProcessor.chexzero_preset()``);
+    * any other image-processor config (e.g. a ``CLIPImageProcessor`` from an older conversion, which does not pad):
+      its rescale/normalisation settings in a ``QDistillImageProcessor`` at the model's image size (WARNING);
+    * no config: ``QDistillImageProcessor.chexzero_preset()`` at the model's image size (WARNING).
 
     Args:
-        vision_model_path: folder with a ``CLIPVisionModel`` checkpoint; its image-processor config is used
-            when present, otherwise a ``CLIPImageProcessorPil`` resizing/cropping to the model's image size
-            (logged).
+        vision_model_path: folder with a ``CLIPVisionModel`` checkpoint.
         batch_size: images per forward pass.
         pooling: see :func:`image_embeddings_from_features`.
         device: torch device; default CUDA when available.
+        image_processor: explicit ``QDistillImageProcessor`` overriding the folder's.
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` does not exist (names the folder).
+        ValueError: the folder's processor produces another size than the model expects.
     """
 
     def __init__(self, vision_model_path: str | os.PathLike, batch_size: int = 32, pooling: str = "mean_patch",
-                 device: Any = None):
-        from transformers import CLIPImageProcessorPil, CLIPVisionModel
+                 device: Any = None, image_processor: Any = None):
+        from transformers import CLIPVisionModel
 
         path = Path(vision_model_path)
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"vision model folder {path} {what} (expected a CLIPVisionModel folder, e.g. "
+                                    "one written by convert_chexzero.py)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found (expected a CLIPVisionModel folder)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device, _ = resolve_device_dtype(device)
-        self.model = CLIPVisionModel.from_pretrained(str(path)).to(self.device).eval()
+        self.model = load_pretrained(CLIPVisionModel, path, "vision model folder").to(self.device).eval()
         self.model.requires_grad_(False)
-        if (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file():
-            self.processor = CLIPImageProcessorPil.from_pretrained(str(path))
-        else:
-            size = self.model.config.image_size
-            logger.warning("%s has no image-processor config; using CLIPImageProcessorPil at %d px", path, size)
-            self.processor = CLIPImageProcessorPil(size={"shortest_edge": size},
-                                                   crop_size={"height": size, "width": size})
+        size = int(self.model.config.image_size)
+        self.processor = image_processor if image_processor is not None else embedder_image_processor(path, size)
+        got = (self.processor.size["height"], self.processor.size["width"])
+        if got != (size, size):
+            raise ValueError(f"{path}: the image processor resizes to {got[0]}x{got[1]} but the model expects "
+                             f"{size}x{size} (config.json image_size)")
         self.batch_size = batch_size
         self.pooling = pooling
 
     def __call__(self, images: Sequence[Any]) -> Any:
-        """Embed PIL images.
+        """Embed films.
 
         Args:
-            images: PIL images (converted to RGB).
+            images: PIL images (or arrays), any aspect ratio.
 
         Returns:
             A (len(images), hidden_size) float32 CPU tensor of pooled ``last_hidden_state`` tokens.
@@ -217,8 +248,8 @@ class CLIPImageEmbedder:
 
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            batch = [img.convert("RGB") for img in images[start:start + self.batch_size]]
-            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            batch = list(images[start:start + self.batch_size])
+            pixels = self.processor(batch, return_tensors="pt")["pixel_values"].to(self.device)
             with torch.inference_mode():
                 hidden = self.model(pixel_values=pixels).last_hidden_state
             chunks.append(image_embeddings_from_features(hidden.float().cpu(), self.pooling))
@@ -236,7 +267,8 @@ class CLIPImageEmbedder:
             A (len(paths), hidden_size) float32 CPU tensor.
 
         Raises:
-            FileNotFoundError / PIL.UnidentifiedImageError: a file is missing or not an image (names the file).
+            FileNotFoundError / PIL.UnidentifiedImageError / OSError / ValueError: a file is missing, not an image,
+                truncated, too large or too small (names the file).
         """
         import torch
 
@@ -245,17 +277,61 @@ class CLIPImageEmbedder:
         return torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.hidden_size)
 
 
-def load_rgb_image(path: str | os.PathLike) -> Any:
-    """Open an image file fully (so the file handle is closed) and convert it to RGB.
+def embedder_image_processor(folder: str | os.PathLike, image_size: int) -> Any:
+    """The ``QDistillImageProcessor`` used to embed films for ``folder`` (see :class:`CLIPImageEmbedder`).
+
+    Args:
+        folder: the vision model folder.
+        image_size: the model's input side (``config.image_size``).
+    """
+    from ..models.processing_qdistill import QDistillImageProcessor
+
+    folder = Path(folder)
+    config_file = folder / "preprocessor_config.json"
+    size = {"height": image_size, "width": image_size}
+    if not config_file.is_file():
+        logger.warning("%s has no preprocessor_config.json; embedding with QDistillImageProcessor.chexzero_preset() "
+                       "at %d px (pad to square)", folder, image_size)
+        return QDistillImageProcessor.chexzero_preset(size=size)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file}: not a valid JSON image-processor config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    kind = config.get("image_processor_type")
+    if kind == "QDistillImageProcessor":
+        return QDistillImageProcessor.from_pretrained(str(folder))
+    keep = {k: config[k] for k in ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+            if k in config}
+    logger.warning("%s holds a %s config, which does not pad to square; embedding with QDistillImageProcessor at %d "
+                   "px (pad to square) and its normalisation %s. Re-run convert_chexzero.py to save the processor.",
+                   config_file, kind, image_size, keep)
+    return QDistillImageProcessor(size=size, **keep)
+
+
+def load_rgb_image(path: str | os.PathLike, min_side: int | None = None) -> Any:
+    """Open an image file fully (so the file handle is closed) and return it as an 8-bit RGB PIL image.
+
+    The film goes through :func:`~qdistill_hf.models.processing_qdistill.to_eight_bit_film`: 16-bit films are scaled
+    (not saturated), transparent pixels are composited on black, films below the minimum size are refused.
 
     Args:
         path: image file.
-    """
-    from PIL import Image
+        min_side: minimum short side in pixels (default
+            :data:`~qdistill_hf.models.processing_qdistill.MIN_IMAGE_SIDE`).
 
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    Raises:
+        FileNotFoundError / IsADirectoryError: the path is missing or a folder.
+        PIL.UnidentifiedImageError: the file is not an image (names the file).
+        OSError: the file is truncated or corrupt (names the file).
+        ValueError: the image is above PIL's decompression-bomb limit, too small, or of an unsupported mode (names the
+            file).
+    """
+    from ..models.processing_qdistill import MIN_IMAGE_SIDE, to_eight_bit_film
+
+    image = open_image_file(path)
+    return to_eight_bit_film(image, f"image {path}", min_side=min_side or MIN_IMAGE_SIDE).convert("RGB")
 
 
 class RetrievalPseudoReportGenerator:
@@ -439,43 +515,42 @@ REQUIRED_METADATA_COLUMNS = ("study_id", "image_path", "report_path", "split")
 
 
 def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | None = None,
-                         limit: int | None = None) -> list[dict]:
-    """Rows of ``<data_dir>/metadata.csv`` (qdistill_folder layout) with absolute ``image_file``/``report_file``.
+                         limit: int | None = None, allow_external_paths: bool = False) -> list[dict]:
+    """Rows of ``<data_dir>/metadata.csv`` (qdistill_folder layout) with ``image_file``/``report_file`` paths.
 
-    ``report_file`` is None when the row's ``report_path`` is empty (a film without a report).
+    The CSV is read by :func:`qdistill_hf.utils.read_keyed_csv` (the same reader as the dataset builder: UTF-8 with
+    or without a byte-order mark, values stripped). ``image_path``/``report_path`` must stay inside ``data_dir``
+    (see :func:`qdistill_hf.utils.resolve_data_path`); ``report_file`` is None when the row's ``report_path`` is
+    empty (a film without a report).
 
     Args:
         data_dir: folder holding ``metadata.csv``; ``image_path``/``report_path`` are relative to it.
         splits: keep only these splits (None: all).
-        limit: keep at most this many rows after the split filter.
+        limit: keep at most this many rows after the split filter (>= 0).
+        allow_external_paths: accept absolute paths and paths leaving ``data_dir`` (explicit opt-in).
 
     Raises:
-        FileNotFoundError: metadata.csv is missing.
-        ValueError: a required column is missing, or a row has an empty/duplicate ``study_id``
-            (the message names the file and row).
+        FileNotFoundError: ``data_dir`` or metadata.csv is missing.
+        ValueError: the CSV is empty or malformed, a required column is missing, a row has an empty/duplicate
+            ``study_id`` or an empty ``image_path``, or a path leaves ``data_dir`` (every message names the file and
+            line).
     """
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir} (no such directory)")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
     meta = data_dir / "metadata.csv"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found")
-    rows, seen = [], set()
-    with open(meta, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{meta}: missing column(s) {missing}")
-        for lineno, row in enumerate(reader, start=2):
-            sid = (row["study_id"] or "").strip()
-            if not sid:
-                raise ValueError(f"{meta}: row {lineno}: empty study_id")
-            if sid in seen:
-                raise ValueError(f"{meta}: row {lineno}: duplicate study_id {sid!r}")
-            seen.add(sid)
-            if splits is not None and row["split"] not in splits:
-                continue
-            report_path = (row["report_path"] or "").strip()
-            rows.append({**row, "study_id": sid, "image_file": str(data_dir / row["image_path"]),
-                         "report_file": str(data_dir / report_path) if report_path else None})
+    rows = []
+    for sid, (line, row) in read_keyed_csv(meta, REQUIRED_METADATA_COLUMNS[1:]).items():
+        where = f"{meta} line {line} (study_id {sid!r})"
+        if splits is not None and row["split"] not in splits:
+            continue
+        image = resolve_data_path(data_dir, row["image_path"], where, "image_path", allow_external_paths)
+        report = (resolve_data_path(data_dir, row["report_path"], where, "report_path", allow_external_paths)
+                  if row["report_path"] else None)
+        rows.append({**row, "study_id": sid, "image_file": str(image),
+                     "report_file": str(report) if report is not None else None})
     return rows[:limit] if limit is not None else rows
 
 
@@ -577,17 +652,16 @@ def read_medgemma_layout(out_dir: str | os.PathLike) -> dict[str, str]:
     """
     out_dir = Path(out_dir)
     meta = out_dir / "metadata.csv"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found")
     reports = {}
-    with open(meta, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.DictReader(fh), start=2):
-            if not row.get("study_id"):
-                raise ValueError(f"{meta}: row {lineno}: empty study_id")
-            path = out_dir / (row.get("medgemma_report_path") or "")
-            if not path.is_file():
-                raise FileNotFoundError(f"{meta}: row {lineno}: medgemma_report_path {str(path)!r} not found")
-            reports[row["study_id"]] = path.read_text(encoding="utf-8")
+    for sid, (line, row) in read_keyed_csv(meta, ("medgemma_report_path",)).items():
+        where = f"{meta} line {line} (study_id {sid!r})"
+        path = resolve_data_path(out_dir, row["medgemma_report_path"], where, "medgemma_report_path")
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: medgemma_report_path {str(path)!r} not found")
+        try:
+            reports[sid] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: {path} is not valid UTF-8 ({exc})") from None
     return reports
 
 
@@ -599,6 +673,7 @@ __all__ = [
     "HFPseudoReportGenerator",
     "RetrievalPseudoReportGenerator",
     "add_pseudo_report_column",
+    "embedder_image_processor",
     "image_embeddings_from_features",
     "load_rgb_image",
     "normalize_report_text",
