@@ -1,7 +1,9 @@
 """Pure loss functions of Q-DISTILL: contrastive (soft positives), hard-negative sampling, focal, distillation.
 
 Every function is stateless, computes in float32 and never clamps or masks non-finite values: divergence must
-surface, not be hidden.
+surface, not be hidden. Checks that read tensor values on the host (label range, diagonal of a positive mask,
+finite similarities) run in eager mode only (`torch.compiler.is_compiling()` skips them, so a compiled training
+step stays one graph); the models' `validate_batch` runs the input checks outside the graph.
 """
 
 import torch
@@ -84,7 +86,8 @@ def image_text_contrastive_loss(logits_per_image: torch.Tensor, positive_mask: t
         positive_mask = torch.eye(batch_size, dtype=torch.bool, device=logits.device)
     if positive_mask.shape != logits.shape:
         raise ValueError(f"positive_mask has shape {tuple(positive_mask.shape)}, expected {tuple(logits.shape)}.")
-    if not bool(positive_mask.diagonal().all()):
+    # A host sync: checked in eager mode only (the model validates `positive_mask` before compiled steps too).
+    if not torch.compiler.is_compiling() and not bool(positive_mask.diagonal().all()):
         raise ValueError("positive_mask must be True on the diagonal: every image is a positive of its own text.")
     targets = positive_mask.float()
     loss_i2t = -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
@@ -111,6 +114,14 @@ def sample_hard_negatives(
     """
     if similarity.shape != positive_mask.shape:
         raise ValueError(f"positive_mask has shape {tuple(positive_mask.shape)}, expected {tuple(similarity.shape)}.")
+    if not torch.compiler.is_compiling():
+        bad = (~torch.isfinite(similarity)).any(dim=1)
+        if bool(bad.any()):
+            # `torch.multinomial` would only say "probability tensor contains either inf, nan or element < 0".
+            raise FloatingPointError(
+                f"Non-finite similarities in rows {bad.nonzero().flatten().tolist()}: the hard-negative draw is "
+                "undefined. The inputs of these rows or the model's weights are non-finite."
+            )
     valid = (~positive_mask).any(dim=1)
     # The softmax runs over the candidates only: normalising over the whole row and then zeroing the positives lets a
     # dominant positive (logit gap > ~100 at CLIP's scale bound) underflow every negative weight to 0.
@@ -142,9 +153,18 @@ def focal_loss(
         reduction (`str`): `"mean"` (over the batch, as the original), `"sum"` or `"none"`.
     """
     num_labels = logits.shape[-1]
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-        bad = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
-        raise ValueError(f"labels must be class ids in [0, {num_labels}); got {bad}.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be a LongTensor of class ids in [0, {num_labels}), got dtype {labels.dtype}.")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but the logits are for {logits.shape[0]} images: give one "
+            f"class id in [0, {num_labels}) per image."
+        )
+    # The range check reads the labels on the host: eager only (the models validate labels before compiled steps).
+    if not torch.compiler.is_compiling() and labels.numel():
+        outside = (labels < 0) | (labels >= num_labels)
+        if bool(outside.any()):
+            raise ValueError(f"labels must be class ids in [0, {num_labels}); got {sorted(set(labels[outside].tolist()))}.")
     log_probs = logits.float().log_softmax(dim=-1)
     log_p_true = log_probs.gather(1, labels[:, None]).squeeze(1)
     loss = -((1 - log_p_true.exp()) ** gamma) * log_p_true

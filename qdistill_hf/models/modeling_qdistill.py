@@ -4,12 +4,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_qdistill import ATTENTION_MODES, QDistillStudentConfig, QDistillTeacherConfig, QFormerConfig
@@ -87,6 +88,131 @@ def build_qformer_attention_mask(
     return blocked.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def _rows(flags: torch.Tensor) -> list[int]:
+    """Indices of the `True` entries of a per-row flag (a host sync: used by eager-only checks)."""
+    return flags.nonzero().flatten().tolist()
+
+
+def _check_input_ids_values(input_ids: torch.Tensor, vocab_size: int):
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be a LongTensor of token ids, got dtype {input_ids.dtype}.")
+    if input_ids.numel() == 0:
+        return
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(outside.any()):
+        raise ValueError(
+            f"input_ids contain ids outside the vocabulary [0, {vocab_size}) in batch rows {_rows(outside.any(dim=1))}: "
+            f"min {int(input_ids.min())}, max {int(input_ids.max())}. Was the model built for this tokenizer?"
+        )
+
+
+def _check_attention_mask_values(attention_mask: torch.Tensor):
+    empty = _rows(attention_mask.sum(dim=1) == 0)
+    if empty:
+        # A row that attends to nothing has no defined softmax (NaN once the mask reaches bf16 as -inf).
+        raise ValueError(
+            f"Reports at batch rows {empty} have no real token (attention_mask is all zero); the processor "
+            "always adds [CLS] and [SEP], so these rows are broken inputs."
+        )
+
+
+def _check_finite_rows(name: str, values: torch.Tensor):
+    bad = _rows(~torch.isfinite(values).flatten(1).all(dim=1))
+    if bad:
+        raise ValueError(
+            f"{name} has non-finite values (NaN or inf) in batch rows {bad}. These films cannot be triaged: drop or "
+            "re-extract them (a broken DICOM or a feature cache written from a diverged run)."
+        )
+
+
+def validate_model_inputs(
+    config: "QDistillTeacherConfig | QDistillStudentConfig",
+    pixel_values: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    positive_mask: torch.Tensor | None = None,
+    check_values: bool = True,
+):
+    """
+    Check one batch for a Q-DISTILL teacher or student and raise a `ValueError` naming the field, the sizes or the
+    batch rows at fault. The models run it at the start of every eager `forward`; under `torch.compile` only the shape
+    and dtype checks run there (they cost nothing), so a data collator or the Trainer should call this once per batch
+    (on CPU tensors, before moving them to the device) to keep the value checks.
+
+    Shape and dtype checks (never synchronise with the device): batch sizes of `pixel_values` / `image_features`,
+    `input_ids`, `attention_mask`, `labels` and `positive_mask` agree; `attention_mask` has the shape of `input_ids`;
+    `labels` is an integer tensor of shape `(batch_size,)`.
+
+    Value checks (`check_values=True`; each reads tensor values on the host): `pixel_values` and `image_features`
+    are finite in every row; `input_ids` lie in the Q-Former's vocabulary; no report has an all-zero
+    `attention_mask`; `labels` lie in `[0, num_labels)`; `positive_mask` is `True` on its diagonal.
+
+    Args:
+        config ([`QDistillTeacherConfig`] or [`QDistillStudentConfig`]): the model's configuration.
+        pixel_values, input_ids, attention_mask, image_features, labels, positive_mask (`torch.Tensor`, *optional*):
+            The model's inputs, as passed to `forward`.
+        check_values (`bool`, *optional*, defaults to `True`): also run the value checks.
+
+    Example:
+
+    ```python
+    >>> validate_model_inputs(model.config, image_features=torch.full((2, 50, 768), float("nan")))
+    ValueError: image_features has non-finite values (NaN or inf) in batch rows [0, 1]. ...
+    ```
+    """
+    images = pixel_values if pixel_values is not None else image_features
+    batch_size = None if images is None else images.shape[0]
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch_size, text_length), got {tuple(input_ids.shape)}.")
+        if batch_size is not None and input_ids.shape[0] != batch_size:
+            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the images have {batch_size}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
+            )
+        batch_size = input_ids.shape[0] if batch_size is None else batch_size
+    if labels is not None:
+        num_labels = config.num_labels
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be a LongTensor of class ids in [0, {num_labels}) (one per image), got dtype "
+                f"{labels.dtype}; soft or one-hot targets are not supported."
+            )
+        if labels.dim() != 1:
+            raise ValueError(
+                f"labels must have shape (batch_size,) with one class id in [0, {num_labels}) per image, got shape "
+                f"{tuple(labels.shape)}."
+            )
+        if batch_size is not None and labels.shape[0] != batch_size:
+            raise ValueError(f"labels has {labels.shape[0]} entries but the batch has {batch_size} images.")
+    if positive_mask is not None and batch_size is not None and positive_mask.shape != (batch_size, batch_size):
+        raise ValueError(
+            f"positive_mask has shape {tuple(positive_mask.shape)}, expected ({batch_size}, {batch_size})."
+        )
+    if not check_values:
+        return
+    if pixel_values is not None:
+        _check_finite_rows("pixel_values", pixel_values)
+    if image_features is not None:
+        _check_finite_rows("image_features", image_features)
+    if input_ids is not None:
+        _check_input_ids_values(input_ids, config.qformer_config.vocab_size)
+        if attention_mask is not None:
+            _check_attention_mask_values(attention_mask)
+    if labels is not None and labels.numel():
+        outside = (labels < 0) | (labels >= config.num_labels)
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels must be class ids in [0, {config.num_labels}); got {sorted(set(labels[outside].tolist()))} "
+                f"in batch rows {_rows(outside)}."
+            )
+    if positive_mask is not None and not bool(positive_mask.diagonal().all()):
+        raise ValueError("positive_mask must be True on the diagonal: every image is a positive of its own report.")
+
+
 @dataclass
 class QDistillQFormerModelOutput(ModelOutput):
     """
@@ -122,9 +248,15 @@ class QDistillTeacherOutput(ModelOutput):
         logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*): scaled ITC
             similarities, image `i` vs report `j`.
         logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*): its transpose.
-        itm_logits (`torch.FloatTensor` of shape `(num_pairs, 2)`, *optional*): match / no-match logits, positives
-            first, then (when training ITM) one hard-negative report per image and one hard-negative image per report.
-        itm_labels (`torch.LongTensor` of shape `(num_pairs,)`, *optional*): 1 for a matching pair, 0 otherwise.
+        itm_logits (`torch.FloatTensor` of shape `(num_pairs, 2)`, *optional*): match / no-match logits of the
+            `batch_size` positive pairs, followed, when ITM is trained (`return_loss=True`), by one hard-negative
+            report per image and one hard-negative image per report: always `num_pairs = 3 * batch_size` then.
+        itm_labels (`torch.LongTensor` of shape `(num_pairs,)`, *optional*): 1 for a positive pair, 0 for a
+            negative pair.
+        itm_weights (`torch.FloatTensor` of shape `(3 * batch_size,)`, *optional*, returned when ITM is trained):
+            weight of each pair in `loss_itm` (a weighted mean). 0 for a negative slot whose row has no non-positive
+            candidate (its placeholder pair is the row's own positive and must be ignored by metrics too), and 0 for
+            the positives of a batch that has no negative at all.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, embed_dim)`): normalised ITC query
             embeddings.
         text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`, *optional*): normalised ITC report
@@ -154,6 +286,7 @@ class QDistillTeacherOutput(ModelOutput):
     logits_per_text: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itm_labels: torch.LongTensor | None = None
+    itm_weights: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     query_output_unimodal: torch.FloatTensor | None = None
@@ -194,13 +327,46 @@ class QDistillStudentOutput(ModelOutput):
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Plain attention (`softmax(q k^T * scaling + mask) v`), the `"eager"` entry of the attention interface; the only
+    one that returns the attention probabilities. Scores are computed in float32.
+
+    Returns:
+        `(attn_output, attn_weights)` with `attn_output` of shape `(batch_size, rows, num_heads, head_dim)` and
+        `attn_weights` of shape `(batch_size, num_heads, rows, keys)`.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    weights = scores.softmax(dim=-1).to(query.dtype)
+    attn_output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
+    return attn_output.transpose(1, 2).contiguous(), weights
+
+
 class QDistillAttention(nn.Module):
-    """Multi-head attention (self- or cross-) on `F.scaled_dot_product_attention`, with an eager path for weights."""
+    """
+    Multi-head attention (self- or cross-), dispatched through transformers' attention interface by
+    `config._attn_implementation` (`"eager"`, `"sdpa"`, or a registered kernel). Attention probabilities exist only on
+    the eager path: a call with `output_attentions=True` runs eager for that call whatever the implementation.
+    """
 
     def __init__(self, config: QFormerConfig, kv_hidden_size: int | None = None):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         kv_hidden_size = kv_hidden_size or config.hidden_size
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(kv_hidden_size, config.hidden_size)
@@ -220,19 +386,25 @@ class QDistillAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         kv = hidden_states if key_value_states is None else key_value_states
         query, key, value = self._heads(self.query(hidden_states)), self._heads(self.key(kv)), self._heads(self.value(kv))
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if output_attentions:
-            scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            weights = scores.softmax(dim=-1).to(query.dtype)
-            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        if output_attentions or self.config._attn_implementation in (None, "eager"):
+            attention_interface = eager_attention_forward
         else:
-            mask = None if attention_mask is None else attention_mask.to(query.dtype)
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
-        return self.output(context), weights
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(query.dtype)
+        context, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        context = context.reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return self.output(context), weights if output_attentions else None
 
 
 class QDistillMLP(nn.Module):
@@ -247,7 +419,7 @@ class QDistillMLP(nn.Module):
         return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
 
 
-class QDistillQFormerLayer(nn.Module):
+class QDistillQFormerLayer(GradientCheckpointingLayer):
     """
     One pre-LayerNorm Q-Former layer: shared self-attention over `[queries; text]`, cross-attention to the image for
     the queries only (on layers selected by `cross_attention_frequency`), and separate feed-forward blocks for query
@@ -324,7 +496,6 @@ class QDistillQFormerEncoder(nn.Module):
     def __init__(self, config: QFormerConfig):
         super().__init__()
         self.layer = nn.ModuleList([QDistillQFormerLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -342,12 +513,12 @@ class QDistillQFormerEncoder(nn.Module):
         for index, layer in enumerate(self.layer):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            args = (hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions,
-                    query_output_only and index == last, text_token_index)
-            if self.gradient_checkpointing and self.training:
-                hidden_states, self_w, cross_w = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-            else:
-                hidden_states, self_w, cross_w = layer(*args)
+            # Positional arguments: the checkpointing wrapper of `GradientCheckpointingLayer` (enabled by
+            # `model.gradient_checkpointing_enable()`) replays the layer with them.
+            hidden_states, self_w, cross_w = layer(
+                hidden_states, query_length, attention_mask, encoder_hidden_states, output_attentions,
+                query_output_only and index == last, text_token_index,
+            )
             if output_attentions:
                 all_self.append(self_w)
                 if cross_w is not None:
@@ -365,6 +536,9 @@ class QDistillPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["QDistillQFormerLayer", "CLIPEncoderLayer"]
     _supports_sdpa = True
+    # Our attention masks are 4-D additive float masks built per call (unimodal / bidirectional, padding); they are
+    # not translated into flex-attention block masks, so "flex_attention" is refused at load time.
+    _supports_flex_attn = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -380,6 +554,27 @@ class QDistillPreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=std)
         if isinstance(module, QDistillTeacherModel):
             init.constant_(module.logit_scale, math.log(1 / module.config.temperature_init))
+
+    def validate_batch(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        positive_mask: torch.Tensor | None = None,
+        check_values: bool = True,
+        **unused,
+    ):
+        """
+        Raise a `ValueError` naming the field, sizes or batch rows if this batch is not valid for this model: see
+        [`validate_model_inputs`]. `forward` runs it itself in eager mode; under `torch.compile` only its free shape
+        checks run there, so call `model.validate_batch(**batch)` from the data collator or the training step (on
+        CPU tensors) to keep the value checks. Keys the model does not validate are ignored.
+        """
+        validate_model_inputs(
+            self.config, pixel_values, input_ids, attention_mask, image_features, labels, positive_mask, check_values
+        )
 
     def _focal_alpha(self, logits: torch.Tensor) -> torch.Tensor | None:
         alpha = getattr(self.config, "focal_alpha", None)
@@ -440,11 +635,8 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
                 f"input_ids has {length} tokens but the Q-Former accepts at most max_position_embeddings="
                 f"{self.config.max_position_embeddings}; truncate the reports in the processor."
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"input_ids contain ids outside the vocabulary [0, {self.config.vocab_size}): min "
-                f"{int(input_ids.min())}, max {int(input_ids.max())}. Was the model built for this tokenizer?"
-            )
+        if not torch.compiler.is_compiling():  # a host sync; `validate_model_inputs` runs it outside the graph
+            _check_input_ids_values(input_ids, self.config.vocab_size)
         positions = torch.arange(length, device=input_ids.device)
         return self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
 
@@ -488,13 +680,8 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
                 )
-            empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-            if empty:
-                # A row that attends to nothing has no defined softmax (NaN once the mask reaches bf16 as -inf).
-                raise ValueError(
-                    f"Reports at batch rows {empty} have no real token (attention_mask is all zero); the processor "
-                    "always adds [CLS] and [SEP], so these rows are broken inputs."
-                )
+            if not torch.compiler.is_compiling():
+                _check_attention_mask_values(attention_mask)
         else:
             attention_mask = None
         hidden_states = self.embed_dropout(self.embed_norm(torch.cat(parts, dim=1)))
@@ -504,9 +691,14 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             encoder_hidden_states = self.encoder_norm(encoder_hidden_states.to(hidden_states.dtype))
 
         mask = text_token_index = None
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
-        if has_padding:
-            text_token_index = attention_mask.flatten().nonzero().squeeze(1)
+        if torch.compiler.is_compiling():
+            # Fixed shapes: the mask is always built and the text feed-forward runs on every position (padding is
+            # never attended to, so the real positions are the same as in eager).
+            has_padding = attention_mask is not None
+        else:
+            has_padding = attention_mask is not None and not bool(attention_mask.all())
+            if has_padding:
+                text_token_index = attention_mask.flatten().nonzero().squeeze(1)
         if attention_mask is not None and (attention_mode == "unimodal" and query_length > 0 or has_padding):
             mask = build_qformer_attention_mask(
                 query_length, attention_mask, attention_mode, dtype=hidden_states.dtype, batch_size=batch_size
@@ -649,14 +841,16 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
                 pass over the positive pairs (computed by the eager path).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_features = self.get_image_features(pixel_values, image_features)
-        batch_size = image_features.shape[0]
-        queries = self.query_tokens.expand(batch_size, -1, -1)
         has_text = input_ids is not None
         if (return_loss or labels is not None) and not has_text:
             raise ValueError("The teacher's losses need the report: pass `input_ids` (and `attention_mask`).")
-        if has_text and input_ids.shape[0] != batch_size:
-            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the images have {batch_size}.")
+        self.validate_batch(
+            pixel_values, input_ids, attention_mask, image_features, labels, positive_mask,
+            check_values=not torch.compiler.is_compiling(),
+        )
+        image_features = self.get_image_features(pixel_values, image_features)
+        batch_size = image_features.shape[0]
+        queries = self.query_tokens.expand(batch_size, -1, -1)
         if has_text and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
@@ -665,7 +859,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         image_embeds = F.normalize(self.vision_projection(query_uni), dim=-1)
 
         text_output = text_embeds = logits_per_image = logits_per_text = None
-        itm_logits = itm_labels = query_bi = logits = attentions = cross_attentions = None
+        itm_logits = itm_labels = itm_weights = query_bi = logits = attentions = cross_attentions = None
         loss_itc = loss_itm = loss_cls = None
         if has_text:
             text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).text_output
@@ -685,19 +879,20 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             if train_itm:
                 neg_text, text_valid = sample_hard_negatives(logits_per_image, positive_mask, generator)
                 neg_image, image_valid = sample_hard_negatives(logits_per_text, positive_mask.t(), generator)
-                rows_t, rows_i = text_valid.nonzero().squeeze(1), image_valid.nonzero().squeeze(1)
-                if rows_t.numel() + rows_i.numel() == 0:
-                    logger.warning_once(
-                        "ITM skipped: no hard negative in this batch (batch size 1 or every report identical)."
-                    )
-                    train_itm = False
-                else:
-                    pair_images = torch.cat([image_features, image_features[rows_t], image_features[neg_image[rows_i]]])
-                    pair_ids = torch.cat([input_ids, input_ids[neg_text[rows_t]], input_ids[rows_i]])
-                    pair_mask = torch.cat([attention_mask, attention_mask[neg_text[rows_t]], attention_mask[rows_i]])
-                    itm_labels = torch.cat(
-                        [itm_labels, itm_labels.new_zeros(rows_t.numel() + rows_i.numel())]
-                    )
+                # Always 3B pairs (fixed shapes, one compiled graph): a row without any non-positive candidate keeps
+                # a placeholder pair (its own image and report) with weight 0 instead of being dropped.
+                rows = torch.arange(batch_size, device=image_features.device)
+                neg_text = torch.where(text_valid, neg_text, rows)
+                neg_image = torch.where(image_valid, neg_image, rows)
+                pair_images = torch.cat([image_features, image_features, image_features[neg_image]])
+                pair_ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
+                pair_mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+                itm_labels = torch.cat([itm_labels, itm_labels.new_zeros(2 * batch_size)])
+                # Positives count only when the batch has some negative: ITM on positives alone teaches nothing.
+                any_negative = (text_valid.any() | image_valid.any()).to(torch.float32)
+                itm_weights = torch.cat(
+                    [any_negative.expand(batch_size), text_valid.to(torch.float32), image_valid.to(torch.float32)]
+                )
             pair_queries = self.query_tokens.expand(pair_images.shape[0], -1, -1)
             pair_output = self.qformer(
                 query_embeds=pair_queries,
@@ -722,7 +917,16 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
                 else:
                     logger.warning_once("ITC skipped: a batch of one has no negatives.")
                 if train_itm:
-                    loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+                    per_pair = F.cross_entropy(itm_logits.float(), itm_labels, reduction="none")
+                    total_weight = itm_weights.sum()
+                    # A batch without any negative has total weight 0: the loss is then 0 with no gradient.
+                    loss_itm = (per_pair * itm_weights).sum() / torch.where(total_weight > 0, total_weight, 1.0)
+                    if not torch.compiler.is_compiling() and not bool(total_weight > 0):
+                        # Eager reports the skipped loss as None; compiled code keeps the (zero) tensor.
+                        logger.warning_once(
+                            "ITM skipped: no hard negative in this batch (batch size 1 or every report identical)."
+                        )
+                        loss_itm = None
         if labels is not None:
             loss_cls = focal_loss(logits, labels, self.config.focal_gamma, self._focal_alpha(logits))
 
@@ -741,6 +945,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             logits_per_text=logits_per_text,
             itm_logits=itm_logits,
             itm_labels=itm_labels if has_text else None,
+            itm_weights=itm_weights,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             query_output_unimodal=query_uni,
@@ -811,6 +1016,10 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             output_attentions (`bool`, *optional*): also return the Q-Former's attention probabilities.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.validate_batch(
+            pixel_values, input_ids, attention_mask, image_features, labels,
+            check_values=not torch.compiler.is_compiling(),
+        )
         image_features = self.get_image_features(pixel_values, image_features)
         if self.config.text_mode == "image_only" and input_ids is not None:
             raise ValueError("This student is `image_only`: it takes no `input_ids`. Drop the text or use a "
@@ -848,12 +1057,17 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
 
 
 def _weighted_sum(*terms: tuple[torch.Tensor | None, float]) -> torch.Tensor | None:
-    """Sum of `weight * loss` over the computed components; a non-finite loss raises instead of being hidden."""
+    """
+    Sum of `weight * loss` over the computed components. In eager mode a non-finite total raises
+    `FloatingPointError` instead of being hidden; under `torch.compile` the check is skipped (it would split the
+    graph) and is the training loop's job.
+    """
     present = [(loss, weight) for loss, weight in terms if loss is not None]
     if not present:
         return None
     total = sum(weight * loss for loss, weight in present)
-    if not torch.isfinite(total):
+    # Eager only (a host sync): under `torch.compile` the caller (the Trainer) checks the loss after each step.
+    if not torch.compiler.is_compiling() and not torch.isfinite(total):
         raise FloatingPointError(
             "Non-finite loss: " + ", ".join(f"{float(loss.detach()):.6g} (weight {weight})" for loss, weight in present)
         )
@@ -863,6 +1077,8 @@ def _weighted_sum(*terms: tuple[torch.Tensor | None, float]) -> torch.Tensor | N
 __all__ = [
     "LOGIT_SCALE_MAX",
     "build_qformer_attention_mask",
+    "eager_attention_forward",
+    "validate_model_inputs",
     "QDistillPreTrainedModel",
     "QDistillQFormerModel",
     "QDistillTeacherModel",
