@@ -93,6 +93,7 @@ def resolve_data_path(
     where: str,
     field: str,
     allow_external: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> Path:
     """Resolve a path read from a data file against ``data_dir``, refusing one that leaves the folder.
 
@@ -106,9 +107,11 @@ def resolve_data_path(
         where: text naming the file and row, e.g. ``"metadata.csv line 4 (study_id 's3')"``.
         field: the column name, e.g. ``"image_path"``.
         allow_external: accept absolute paths and paths outside ``data_dir`` (explicit opt-in).
+        base: folder the value is relative to when it is not ``data_dir`` itself (e.g. the pseudo-report folder);
+            the result must still lie inside ``data_dir``.
 
     Returns:
-        ``data_dir / value`` (not resolved, so messages keep the user's spelling), or ``value`` when it is absolute
+        ``base / value`` (not resolved, so messages keep the user's spelling), or ``value`` when it is absolute
         and ``allow_external`` is set.
 
     Raises:
@@ -128,7 +131,7 @@ def resolve_data_path(
             f"{where}: {field} {value!r} is an absolute path; paths must be relative to the data folder {root} "
             "(pass allow_external_paths=True to accept paths outside it)"
         )
-    joined = root / candidate
+    joined = Path(base if base is not None else root) / candidate
     if allow_external:
         return joined
     real_root = Path(os.path.realpath(root))

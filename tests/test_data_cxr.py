@@ -23,7 +23,7 @@ from qdistill_hf.data.data_cxr import (
 )
 
 
-def _png(path: Path, value: int = 100, size=(8, 8), fmt="PNG"):
+def _png(path: Path, value: int = 100, size=(16, 16), fmt="PNG"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full(size, value, dtype=np.uint8), mode="L").save(path, format=fmt)
 
@@ -87,7 +87,7 @@ def test_qdistill_folder_columns_and_values(tmp_path):
     assert dd["validation"][0]["split"] == "validation"  # "validate" alias
     assert dd["validation"][0]["site"] is None
     img = train[1]["image"]
-    assert img.size == (8, 8) and np.asarray(img)[0, 0] == 20
+    assert img.size == (16, 16) and np.asarray(img)[0, 0] == 20
 
 
 def test_qdistill_folder_label_names_and_priority_override(tmp_path):
@@ -340,7 +340,7 @@ def test_mimic_with_priority_csv(tmp_path):
     assert row["report"] == "FINDINGS: There is a small left pleural effusion. No pneumothorax.\nIMPRESSION: Small left effusion."
     assert dd["validation"][0]["report"] == "No acute process." and dd["validation"][0]["view_position"] == "AP"
     assert dd["test"][0]["report"] == "Lungs are clear."
-    assert dd["train"][0]["image"].size == (8, 8)
+    assert dd["train"][0]["image"].size == (16, 16)
 
 
 def test_mimic_with_rules(tmp_path, monkeypatch):

@@ -31,22 +31,34 @@ Everything is validated in ``_split_generators`` (before any Arrow is written) s
 Images of the folder-based configs are stored as paths (datasets keeps only the path for local files);
 ``save_to_disk`` embeds the bytes. Synthetic films are stored as PNG bytes.
 
-CSV indexes are read as UTF-8 (a byte-order mark is accepted); line numbers in errors are the line where the row
-starts. Report text files must be UTF-8: undecodable bytes are an error, never replaced.
+CSV indexes are read by :func:`qdistill_hf.utils.read_csv_rows` (the one CSV reader of the package: UTF-8, a
+byte-order mark accepted, empty files, repeated header names and ragged rows refused); line numbers in errors are the
+line where the row starts. Report text files must be UTF-8: undecodable bytes are an error, never replaced.
+
+Paths read from data files (``image_path``, ``report_path``, ``medgemma_report_path``, IU ``parentImage`` ids, MIMIC
+subject/study/dicom ids) must stay inside ``data_dir`` (the MIMIC reports inside ``mimic_reports_dir``): ``..``,
+absolute paths and symlinks resolving outside are refused naming the row, unless ``allow_external_paths=True``.
+
+Films are checked at prepare time (``verify_images=True``, the default): the file must be an image PIL can open,
+below PIL's decompression-bomb limit, at least ``MIN_IMAGE_SIDE`` (16) pixels on its short side, pass PIL's
+``verify()`` (PNG checksums) and, for JPEG, end with the end-of-image marker (a truncated JPEG does not).
 
 Cache: the config id includes ``data_dir`` and the size/mtime of every index file the config reads, at its
 configured path (``metadata_file``, the pseudo-report index, ``priority_file``, ``projections_csv``, the MIMIC CSVs,
-the IU archive or each IU XML file), so editing any of them triggers a rebuild. Report and pseudo-report *text files*
-are copied into Arrow and are not fingerprinted: after editing one in place, use a fresh ``cache_dir`` (or
-``download_mode="force_redownload"`` on the builder). Images are stored as paths, so they are read live.
+the IU archive or each IU XML file), so editing any of them triggers a rebuild. :func:`load_cxr_dataset` also records
+the size and mtime of every film, report and pseudo-report file a prepared dataset was built from
+(``qdistill_source_files.json`` next to the Arrow files) and, on every later load, re-prepares the dataset when any
+of them changed or disappeared (logging the first changed file), so an edited report is never served stale and a
+film truncated after preparation is reported by the re-preparation, naming the row and the file. A file changed
+*while* a loaded dataset is in use is not detected.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
+import json
 import logging
+import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -57,6 +69,8 @@ import datasets
 from PIL import Image as PILImage
 
 from ..labels.policy import LABEL_NAMES, urgent_from_mesh
+from ..models.processing_qdistill import MIN_IMAGE_SIDE
+from ..utils import atomic_write_text, open_image_file, read_csv_rows, read_keyed_csv, resolve_data_path
 from . import synthetic_cxr
 
 logger = logging.getLogger(__name__)
@@ -79,7 +93,10 @@ class CxrBuilderConfig(datasets.BuilderConfig):
 
     Shared:
         label_names: class names of ``label`` (ClassLabel), index = class id.
-        verify_images: open every image with PIL and ``verify()`` it at prepare time.
+        verify_images: open every image with PIL at prepare time: decompression-bomb limit, minimum size
+            (``MIN_IMAGE_SIDE`` pixels on the short side), ``verify()`` and the JPEG end-of-image marker.
+        allow_external_paths: accept absolute paths and paths leaving ``data_dir`` in the data files (explicit
+            opt-in; refused by default, naming the row).
 
     ``qdistill_folder``:
         metadata_file: main index CSV, relative to ``data_dir``.
@@ -123,6 +140,7 @@ class CxrBuilderConfig(datasets.BuilderConfig):
 
     label_names: tuple = LABEL_NAMES
     verify_images: bool = True
+    allow_external_paths: bool = False
     # qdistill_folder
     metadata_file: str = "metadata.csv"
     pseudo_report_dir: str = "medgemma_reports"
@@ -213,65 +231,19 @@ class CxrBuilderConfig(datasets.BuilderConfig):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _open_text(path: Path):
-    """Open a (optionally gzipped) UTF-8 text file; a byte-order mark (as Excel writes) is dropped."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    return opener(path, "rt", newline="", encoding="utf-8-sig")
-
-
 def _csv_header(path: Path) -> list[str]:
-    """Stripped column names of a CSV; empty or repeated names are an error naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV file not found: {path}")
-    try:
-        with _open_text(path) as f:
-            header = [h.strip() for h in next(csv.reader(f), [])]
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
-    if not header or "" in header or len(set(header)) != len(header):
-        raise ValueError(f"{path} line 1: the header must hold distinct non-empty column names, got {header}")
-    return header
+    """Column names of a CSV (see :func:`qdistill_hf.utils.read_csv_rows`)."""
+    return read_csv_rows(path, require_rows=False)[0]
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """Rows of a (optionally gzipped) CSV as ``(line where the row starts, row)``, values stripped.
-
-    Blank lines are skipped; a row with more or fewer fields than the header is an error naming its line.
-    """
-    header = _csv_header(path)
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; found {header}")
-    rows = []
-    try:
-        with _open_text(path) as f:
-            reader = csv.reader(f)
-            next(reader)
-            end = reader.line_num
-            for fields in reader:
-                # A quoted field may span lines, so a row starts on the line after the previous one ended.
-                start, end = end + 1, reader.line_num
-                if not fields:
-                    continue
-                if len(fields) != len(header):
-                    raise ValueError(f"{path} line {start}: {len(fields)} fields, but the header has {len(header)}")
-                rows.append((start, {k: v.strip() for k, v in zip(header, fields)}))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
-    return rows
+    """Rows of a CSV as ``(line where the row starts, row)`` (see :func:`qdistill_hf.utils.read_csv_rows`)."""
+    return read_csv_rows(path, required)[1]
 
 
 def _read_keyed_csv(path: Path, required: tuple[str, ...], key: str = "study_id") -> dict[str, tuple[int, dict]]:
-    """``_read_csv`` rows by ``key`` in file order; an empty or repeated key is an error naming the line."""
-    rows: dict[str, tuple[int, dict]] = {}
-    for line, row in _read_csv(path, (key, *required)):
-        value = row[key]
-        if not value:
-            raise ValueError(f"{path} line {line}: empty {key}")
-        if value in rows:
-            raise ValueError(f"{path} line {line} ({key} {value!r}): duplicate {key}, first seen on line {rows[value][0]}")
-        rows[value] = (line, row)
-    return rows
+    """Rows by ``key`` (see :func:`qdistill_hf.utils.read_keyed_csv`)."""
+    return read_keyed_csv(path, required, key=key)
 
 
 def _warn_unknown(ids, known, path: Path) -> None:
@@ -303,18 +275,36 @@ def _parse_label(value, label_names: tuple[str, ...], where: str) -> int:
 
 
 def _check_image(path: Path, where: str, verify: bool) -> None:
+    """Existence and (``verify``) header, size, checksum and JPEG-end checks of one film; errors name row and file."""
+    if path.is_dir():
+        raise ValueError(f"{where}: image path is a directory, not an image file: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file not found: {path}")
-    if verify:
-        try:
-            with PILImage.open(path) as im:
-                im.verify()
-        except Exception as exc:  # PIL raises several unrelated types for broken files
-            raise ValueError(f"{where}: image file is not a decodable image: {path} ({exc})") from exc
+    if not verify:
+        return
+    try:
+        with open_image_file(path, load=False) as im:
+            width, height = im.size
+            fmt = im.format
+            im.verify()
+    except Exception as exc:  # PIL raises several unrelated types for broken files
+        raise ValueError(f"{where}: image file is not a decodable image: {path} ({exc})") from exc
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"{where}: image {path} is {width}x{height} pixels; films need at least {MIN_IMAGE_SIDE} pixels on the "
+            "short side"
+        )
+    if fmt in ("JPEG", "MPO"):
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 4096))
+            if b"\xff\xd9" not in fh.read():
+                raise ValueError(f"{where}: JPEG image {path} has no end-of-image marker: the file is truncated")
 
 
 def _read_text(path: Path, where: str, what: str, allow_empty: bool = False) -> str:
     """Stripped UTF-8 text of a report file; missing, undecodable or (unless allowed) empty files raise."""
+    if path.is_dir():
+        raise ValueError(f"{where}: {what} path is a directory, not a text file: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: {what} file not found: {path}")
     try:
@@ -466,7 +456,10 @@ class DataCxr(datasets.GeneratorBasedBuilder):
             if not data_dir.is_dir():
                 raise FileNotFoundError(f"data_dir does not exist or is not a directory: {data_dir}")
             loader = {"qdistill_folder": self._qdistill_examples, "iu_xray": self._iu_examples, "mimic_cxr": self._mimic_examples}[name]
+            self._source_files: list[Path] = []
             examples = loader(data_dir)
+            # Files of the studies kept; load_cxr_dataset records their size/mtime to detect later edits.
+            self.prepared_source_files = sorted({str(p) for p in self._source_files})
             by_split = {s: [e for e in examples if e["split"] == s] for s in SPLITS}
             counts = {s: len(v) for s, v in by_split.items()}
             logger.info("%s: %s", name, counts)
@@ -528,7 +521,10 @@ class DataCxr(datasets.GeneratorBasedBuilder):
         if pseudo_index.is_file():
             for sid, (line, row) in _read_keyed_csv(pseudo_index, ("medgemma_report_path",)).items():
                 where = f"{pseudo_index} line {line} (study_id {sid!r})"
-                pseudo[sid] = _read_text(pseudo_dir / row["medgemma_report_path"], where, "pseudo-report")
+                path = resolve_data_path(data_dir, row["medgemma_report_path"], where, "medgemma_report_path",
+                                         cfg.allow_external_paths, base=pseudo_dir)
+                pseudo[sid] = _read_text(path, where, "pseudo-report")
+                self._source_files.append(path)
             _warn_unknown(pseudo, rows, pseudo_index)
         elif cfg.require_pseudo_report:
             raise FileNotFoundError(f"require_pseudo_report=True but the pseudo-report index is missing: {pseudo_index}")
@@ -544,13 +540,11 @@ class DataCxr(datasets.GeneratorBasedBuilder):
                 label = _parse_label(row["priority_label"], label_names, where)
             else:
                 raise ValueError(f"{where}: no label (empty priority_label and not in {priority_path})")
-            if not row["image_path"]:
-                raise ValueError(f"{where}: empty image_path")
-            image_path = data_dir / row["image_path"]
+            image_path = resolve_data_path(data_dir, row["image_path"], where, "image_path", cfg.allow_external_paths)
             _check_image(image_path, where, cfg.verify_images)
-            if not row["report_path"]:
-                raise ValueError(f"{where}: empty report_path")
-            report = _read_text(data_dir / row["report_path"], where, "report")
+            report_path = resolve_data_path(data_dir, row["report_path"], where, "report_path", cfg.allow_external_paths)
+            report = _read_text(report_path, where, "report")
+            self._source_files.extend([image_path, report_path])
             if sid not in pseudo:
                 missing_pseudo.append(sid)
             ex = {
@@ -616,7 +610,12 @@ class DataCxr(datasets.GeneratorBasedBuilder):
             parts = [f"{k}: {sections[k]}" for k in ("FINDINGS", "IMPRESSION") if sections.get(k)]
             mesh = [" ".join((m.text or "").split()) for m in root.iter("major") if (m.text or "").strip()]
             image_ids = [p.get("id") for p in root.iter("parentImage") if p.get("id")]
-            candidates = [i for i in iu_frontal_order(image_ids, cfg.frontal_rule) if (images_dir / f"{i}.png").is_file()]
+            image_files = {
+                i: resolve_data_path(data_dir, f"{i}.png", where, "parentImage id", cfg.allow_external_paths,
+                                     base=images_dir)
+                for i in image_ids
+            }
+            candidates = [i for i in iu_frontal_order(image_ids, cfg.frontal_rule) if image_files[i].is_file()]
             if projections is not None:
                 candidates = [i for i in candidates if projections.get(i) == "frontal"]
             if not parts:
@@ -625,8 +624,9 @@ class DataCxr(datasets.GeneratorBasedBuilder):
             if not candidates:
                 problems.append(f"{where}: no usable frontal image among {image_ids} in {images_dir}")
                 continue
-            image_path = images_dir / f"{candidates[0]}.png"
+            image_path = image_files[candidates[0]]
             _check_image(image_path, where, cfg.verify_images)
+            self._source_files.append(image_path)
             examples.append(
                 {
                     "study_id": sid,
@@ -706,9 +706,13 @@ class DataCxr(datasets.GeneratorBasedBuilder):
                 problems.append(f"{where}: no {preference} image among {len(st['dicoms'])} dicoms")
                 continue
             dicom = ranked[0][1]
-            image_path = data_dir / rel / f"s{study_id}" / f"{dicom}.jpg"
+            image_path = resolve_data_path(data_dir, str(rel / f"s{study_id}" / f"{dicom}.jpg"), where,
+                                           "image path built from subject_id/study_id/dicom_id",
+                                           cfg.allow_external_paths)
             _check_image(image_path, where, cfg.verify_images)
-            report_path = reports_root / rel / f"s{study_id}.txt"
+            report_path = resolve_data_path(reports_root, str(rel / f"s{study_id}.txt"), where,
+                                            "report path built from subject_id/study_id", cfg.allow_external_paths)
+            self._source_files.extend([image_path, report_path])
             if not report_path.is_file():
                 problems.append(f"{where}: report file not found: {report_path}")
                 continue
@@ -772,10 +776,36 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+SOURCE_MANIFEST_NAME = "qdistill_source_files.json"
+
+
+def _file_state(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _changed_source_files(manifest_path: Path) -> list[str] | None:
+    """Files of the manifest whose size/mtime changed (or that vanished); None when there is no readable manifest."""
+    try:
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return [path for path, state in recorded.items() if _file_state(path) != state]
+
+
 def load_cxr_dataset(
     name: str, data_dir: str | None = None, cache_dir: str | None = None, **config_kwargs
 ) -> datasets.DatasetDict:
     """Prepare (or reuse from cache) and return a CXR dataset as a ``DatasetDict`` of its non-empty splits.
+
+    A cached preparation is reused only while every film, report and pseudo-report file it was built from keeps
+    its size and mtime; otherwise the dataset is prepared again (WARNING naming the first changed file), which
+    re-reads edited reports and re-checks changed films.
 
     Args:
         name: config name, one of ``CONFIG_NAMES``.
@@ -792,6 +822,19 @@ def load_cxr_dataset(
             config_kwargs[key] = tuple(config_kwargs[key])
     builder = DataCxr(config_name=name, data_dir=str(data_dir) if data_dir is not None else None, cache_dir=cache_dir, **config_kwargs)
     builder.download_and_prepare()
+    if name != "synthetic":
+        manifest = Path(builder.cache_dir) / SOURCE_MANIFEST_NAME
+        if getattr(builder, "prepared_source_files", None) is None:
+            changed = _changed_source_files(manifest)
+            if changed is None or changed:
+                if changed:
+                    logger.warning("%d source file(s) changed since %s was prepared (first: %s); preparing it again",
+                               len(changed), builder.cache_dir, changed[0])
+                else:
+                    logger.warning("%s has no readable %s; preparing it again", builder.cache_dir, SOURCE_MANIFEST_NAME)
+                builder.download_and_prepare(download_mode="force_redownload")
+        states = {path: _file_state(path) for path in builder.prepared_source_files}
+        atomic_write_text(manifest, json.dumps(states, sort_keys=True))
     return builder.as_dataset()
 
 
