@@ -16,79 +16,68 @@ is logged. (All 210 validation reports of `cxr-paired` are in `iu_reports_dev.js
 trains on every line and logs a warning.
 """
 
-import argparse
-import json
+import ast
+import importlib.util
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qdistill_hf.models.processing_qdistill import QDistillImageProcessor, QDistillProcessor  # noqa: E402
-from qdistill_hf.models.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer  # noqa: E402
+# Light on purpose: datasets, tokenizers and qdistill_hf are imported after parsing, so `--help` answers at once.
+from transformers import HfArgumentParser
 
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("qdistill_folder", "iu_xray", "mimic_cxr", "synthetic")
 
+def builder_config_names() -> tuple[str, ...]:
+    """`qdistill_hf.data.data_cxr.CONFIG_NAMES`, read from that module's source without importing it.
 
-def read_reports_jsonl(path: str | Path, field: str = "report") -> list[str]:
-    """Read the `field` string of every line of a JSON-lines file.
-
-    Args:
-        path (`str` or `Path`): the `.jsonl` file.
-        field (`str`, *optional*, defaults to `"report"`): the text field.
-
-    Returns:
-        `list[str]`, one report per non-blank line.
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        ValueError: on a line that is not JSON, lacks `field`, or whose `field` is not a string.
+    Importing any `qdistill_hf` module imports torch and transformers' models (about 7 s), too slow for `--help`;
+    the tuple literal is read with `ast` instead, so the choices stay the builder's own.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Reports file not found: {path}")
-    reports = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error}).") from error
-            if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"{path}, line {line_number}: no field {field!r}.")
-            if not isinstance(record[field], str):
-                raise ValueError(
-                    f"{path}, line {line_number}: field {field!r} is {type(record[field]).__name__}, expected a string."
-                )
-            reports.append(record[field])
-    return reports
+    spec = importlib.util.find_spec("qdistill_hf")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("qdistill_hf is not installed: run `pip install -e .` from the repository root")
+    source_path = Path(next(iter(spec.submodule_search_locations)), "data", "data_cxr.py")
+    for node in ast.parse(source_path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CONFIG_NAMES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError(f"{source_path}: no `CONFIG_NAMES = (...)` literal to read the dataset configs from")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_name", choices=DATASET_NAMES, help="dataset loaded with load_cxr_dataset")
-    parser.add_argument(
-        "--reports_jsonl", help="JSON-lines corpus with a 'report' field; held-out reports of --dataset_name are removed"
+@dataclass
+class TokenizerArguments:
+    """Where the corpus comes from, the tokenizer's settings and where the processor goes."""
+
+    output_dir: str = field(metadata={"help": "Where to save the QDistillProcessor."})
+    dataset_name: Literal[builder_config_names()] | None = field(
+        default=None, metadata={"help": "Dataset loaded with load_cxr_dataset; its train split is the corpus."}
     )
-    parser.add_argument("--data_dir", default=None, help="data folder for --dataset_name")
-    parser.add_argument("--cache_dir", default=None, help="datasets cache folder for --dataset_name")
-    parser.add_argument("--output_dir", required=True, help="where to save the QDistillProcessor")
-    parser.add_argument("--vocab_size", type=int, default=8000)
-    parser.add_argument("--algorithm", choices=("wordpiece", "bpe"), default="wordpiece")
-    parser.add_argument("--min_frequency", type=int, default=2)
-    parser.add_argument("--model_max_length", type=int, default=256)
-    parser.add_argument("--text_column", default="report")
-    parser.add_argument("--resize_mode", choices=("pad", "squash"), default="pad")
-    args = parser.parse_args(argv)
-    if not (args.dataset_name or args.reports_jsonl):
-        parser.error("give --dataset_name, --reports_jsonl or both")
+    reports_jsonl: str | None = field(
+        default=None,
+        metadata={"help": "JSON-lines corpus with a 'report' field; held-out reports of --dataset_name are removed."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Data folder for --dataset_name."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder for --dataset_name."})
+    vocab_size: int = field(default=8000, metadata={"help": "Target vocabulary size."})
+    algorithm: Literal["wordpiece", "bpe"] = field(default="wordpiece", metadata={"help": "Tokenizer model."})
+    min_frequency: int = field(default=2, metadata={"help": "Minimum count for a sub-word to enter the vocabulary."})
+    model_max_length: int = field(default=256, metadata={"help": "Truncation length, [CLS]/[SEP] included."})
+    text_column: str = field(default="report", metadata={"help": "Report column (and JSONL field)."})
+    resize_mode: Literal["pad", "squash"] = field(
+        default="pad", metadata={"help": "QDistillImageProcessor: pad to square, or squash."}
+    )
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.reports_jsonl):
+            raise ValueError("give --dataset_name, --reports_jsonl or both")
+
+
+def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
+    """Parse the command line (see the module docstring)."""
+    parser = HfArgumentParser(TokenizerArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return args
 
 
@@ -96,7 +85,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def main(argv: list[str] | None = None) -> QDistillProcessor:
+def main(argv: list[str] | None = None):
     """Train the tokenizer, build the processor and save it to `--output_dir`.
 
     Args:
@@ -107,6 +96,13 @@ def main(argv: list[str] | None = None) -> QDistillProcessor:
     """
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qdistill_hf.models.processing_qdistill import QDistillImageProcessor, QDistillProcessor
+    from qdistill_hf.models.tokenization_qdistill import (
+        build_report_tokenizer,
+        read_reports_jsonl,
+        train_report_tokenizer,
+    )
+
     tokenizer_kwargs = {
         "vocab_size": args.vocab_size,
         "algorithm": args.algorithm,
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> QDistillProcessor:
             logger.warning("%s has no splits and no --dataset_name was given: training on all %d reports; keep "
                            "held-out reports out of it yourself.", args.reports_jsonl, len(reports))
         sources.append(f"{len(kept)} of {len(reports)} reports from {args.reports_jsonl}")
-        tokenizer = train_report_tokenizer(train_reports + kept, **tokenizer_kwargs)
+        tokenizer = train_report_tokenizer(train_reports + kept, source=" + ".join(sources), **tokenizer_kwargs)
     else:
         # build_report_tokenizer re-checks that only the train split is read and names bad rows.
         tokenizer = build_report_tokenizer(dataset_dict, text_column=args.text_column, **tokenizer_kwargs)

@@ -5,43 +5,47 @@ Example:
         --checkpoint checkpt/chexzero_best.pt --output_dir chexzero-vit-b32
 """
 
-from __future__ import annotations
-
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# Allows running from a source checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qdistill_hf.convert.convert_chexzero_to_hf import convert_chexzero_checkpoint  # noqa: E402
+# Light on purpose: torch and qdistill_hf are imported after parsing, so `--help` answers at once.
+from transformers import HfArgumentParser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class ConvertArguments:
+    """Options of the CheXzero conversion."""
+
+    checkpoint: Path = field(metadata={"help": "CheXzero .pt state dict (OpenAI CLIP)."})
+    output_dir: Path = field(metadata={"help": "Folder for save_pretrained."})
+    num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Override OpenAI's width // 64 head count."}
+    )
+    with_projection: bool = field(
+        default=False,
+        metadata={"help": "Save CLIPVisionModelWithProjection (keeps visual.proj) instead of CLIPVisionModel."},
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> ConvertArguments:
     """Parse the command line.
 
     Args:
-        argv: arguments without the program name; ``None`` reads ``sys.argv``.
+        argv (`list[str]`, *optional*): arguments without the program name; `None` reads `sys.argv`.
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="CheXzero .pt state dict")
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder for save_pretrained")
-    parser.add_argument(
-        "--num_attention_heads", type=int, default=None, help="override OpenAI's width // 64 head count"
-    )
-    parser.add_argument(
-        "--with_projection",
-        action="store_true",
-        help="save CLIPVisionModelWithProjection (keeps visual.proj) instead of CLIPVisionModel",
-    )
-    return parser.parse_args(argv)
+    parser = HfArgumentParser(ConvertArguments, description=__doc__.splitlines()[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion and print what was written."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qdistill_hf.convert.convert_chexzero_to_hf import convert_chexzero_checkpoint
+
     model = convert_chexzero_checkpoint(
         args.checkpoint,
         args.output_dir,

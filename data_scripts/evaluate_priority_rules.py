@@ -10,17 +10,13 @@ and the confusion matrix for both labels, and optionally examples of false posit
 negatives with the scorer's rationale.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Light on purpose: qdistill_hf is imported after parsing, so `--help` answers at once.
+from transformers import HfArgumentParser
 
-from qdistill_hf.labels.priority_rules import evaluate_scorer  # noqa: E402
-from qdistill_hf.reports.resumable import read_jsonl  # noqa: E402
 
 LABELS = ("urgent", "abnormal")
 
@@ -35,14 +31,26 @@ def format_metrics(name: str, m: dict) -> str:
     )
 
 
+@dataclass
+class EvaluateArguments:
+    """Options of the rule-scorer evaluation."""
+
+    jsonl: Path = field(metadata={"help": "JSONL with report, urgent and abnormal fields."})
+    errors: int = field(
+        default=0, metadata={"help": "Print up to N false positives and N false negatives per label."}
+    )
+
+    def __post_init__(self):
+        if self.errors < 0:
+            raise ValueError(f"--errors must be >= 0, got {self.errors}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jsonl", type=Path, required=True, help="JSONL with report, urgent, abnormal")
-    parser.add_argument("--errors", type=int, default=0,
-                        help="print up to N false positives and N false negatives per label")
-    args = parser.parse_args(argv)
-    if args.errors < 0:
-        parser.error(f"--errors must be >= 0, got {args.errors}")
+    """Score every report of `--jsonl` with the rules and print the metrics (and errors when asked)."""
+    parser = HfArgumentParser(EvaluateArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    from qdistill_hf.labels.priority_rules import evaluate_scorer
+    from qdistill_hf.reports.resumable import read_jsonl
 
     records = read_jsonl(args.jsonl, strict=True)
     start = time.perf_counter()

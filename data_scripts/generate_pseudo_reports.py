@@ -13,32 +13,16 @@ Writes ``<output_dir>/parts/*.jsonl`` as it goes, then (main process) ``<output_
 written as reports. A rerun with another generator, model or prompt into the same folder is refused.
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Light on purpose: torch, accelerate and qdistill_hf are imported after parsing, so `--help` answers at once.
+from transformers import HfArgumentParser
 
-from qdistill_hf.reports.pseudo_reports import (  # noqa: E402
-    DEFAULT_MODEL_ID,
-    DEFAULT_PROMPT,
-    DEFAULT_SYSTEM_PROMPT,
-    load_rgb_image,
-    quality_summary,
-    read_folder_metadata,
-    reports_from_records,
-    write_medgemma_layout,
-)
-from qdistill_hf.reports.resumable import (  # noqa: E402
-    add_runner_arguments,
-    atomic_write_text,
-    read_jsonl,
-    run_from_args,
-)
 
 logger = logging.getLogger("generate_pseudo_reports")
 MERGED_NAME = "pseudo_reports.jsonl"
@@ -46,21 +30,60 @@ MERGED_NAME = "pseudo_reports.jsonl"
 IMAGE_ERRORS = (OSError, ValueError)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", required=True, help="qdistill_folder root with metadata.csv")
-    p.add_argument("--generator", choices=["hf", "retrieval"], default="retrieval")
-    p.add_argument("--model_id", default=DEFAULT_MODEL_ID, help="hf: Hub id or local folder")
-    p.add_argument("--prompt_file", default=None, help="hf: text file replacing the default instruction")
-    p.add_argument("--system_prompt_file", default=None, help="hf: text file replacing the default system turn")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--vision_model", default=None, help="retrieval: CLIPVisionModel folder (e.g. converted CheXzero)")
-    p.add_argument("--k", type=int, default=1, help="retrieval: neighbours for the majority vote")
-    p.add_argument("--output_dir", default=None, help="default <data_dir>/medgemma_reports")
-    p.add_argument("--splits", nargs="+", default=None, help="splits to generate for (default all)")
-    p.add_argument("--limit", type=int, default=None, help="first N rows after the split filter")
-    add_runner_arguments(p)
-    return p.parse_args(argv)
+@dataclass
+class GenerateArguments:
+    """What to generate for and how."""
+
+    data_dir: str = field(metadata={"help": "qdistill_folder root with metadata.csv."})
+    generator: Literal["hf", "retrieval"] = field(
+        default="retrieval",
+        metadata={"help": "retrieval: report of the most similar training film; hf: an image-text-to-text model."},
+    )
+    model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "hf: Hub id or local folder (default: DEFAULT_MODEL_ID of qdistill_hf.reports.pseudo_reports, "
+            "MedGemma 4B instruct)."
+        },
+    )
+    prompt_file: str | None = field(default=None, metadata={"help": "hf: text file replacing the default instruction."})
+    system_prompt_file: str | None = field(
+        default=None, metadata={"help": "hf: text file replacing the default system turn."}
+    )
+    max_new_tokens: int = field(default=512, metadata={"help": "hf: tokens generated per report."})
+    vision_model: str | None = field(
+        default=None, metadata={"help": "retrieval: CLIPVisionModel folder (e.g. converted CheXzero)."}
+    )
+    k: int = field(default=1, metadata={"help": "retrieval: neighbours for the majority vote."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <data_dir>/medgemma_reports."})
+    splits: list[str] | None = field(default=None, metadata={"help": "Splits to generate for (default: all)."})
+    limit: int | None = field(default=None, metadata={"help": "First N rows after the split filter."})
+
+    def __post_init__(self):
+        if self.generator == "retrieval" and not self.vision_model:
+            raise ValueError("--generator retrieval needs --vision_model (a CLIPVisionModel folder)")
+
+
+@dataclass
+class RunnerArguments:
+    """The resumable runner's options: the fields of `qdistill_hf.reports.resumable.add_runner_arguments`.
+
+    Declared here (not imported) because importing qdistill_hf takes seconds and `--help` must not;
+    tests/test_example_scripts.py checks that both stay the same.
+    """
+
+    batch_size: int = field(default=8, metadata={"help": "Studies per batch."})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "Explicit shard index (with --world_size, e.g. a SLURM array); default: accelerate."},
+    )
+    world_size: int | None = field(default=None, metadata={"help": "Explicit number of shards (with --rank)."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[GenerateArguments, RunnerArguments]:
+    """Parse the command line (see the module docstring)."""
+    parser = HfArgumentParser((GenerateArguments, RunnerArguments), description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
 def _load_inputs(batch, with_own_report=False):
@@ -69,6 +92,8 @@ def _load_inputs(batch, with_own_report=False):
     Returns ``(results, images, own_reports, slots)``: ``results`` holds the failures, ``slots`` the indices
     of the studies whose inputs loaded (parallel to ``images`` and ``own_reports``).
     """
+    from qdistill_hf.reports.pseudo_reports import load_rgb_image
+
     results, images, own_reports, slots = [None] * len(batch), [], [], []
     for i, row in enumerate(batch):
         try:
@@ -90,35 +115,44 @@ def _own_report(row):
     return Path(row["report_file"]).read_text(encoding="utf-8").strip()
 
 
-def build_hf_batch_fn(args):
-    """Batch function and run description for ``--generator hf``."""
-    from qdistill_hf.reports.pseudo_reports import HFPseudoReportGenerator
+def build_hf_batch_fn(args: GenerateArguments, batch_size: int):
+    """Batch function and run description for `--generator hf`."""
+    from qdistill_hf.reports.pseudo_reports import (
+        DEFAULT_MODEL_ID,
+        DEFAULT_PROMPT,
+        DEFAULT_SYSTEM_PROMPT,
+        HFPseudoReportGenerator,
+    )
+
+    model_id = args.model_id or DEFAULT_MODEL_ID
 
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else DEFAULT_PROMPT
     system = (Path(args.system_prompt_file).read_text(encoding="utf-8") if args.system_prompt_file
               else DEFAULT_SYSTEM_PROMPT)
-    gen = HFPseudoReportGenerator(args.model_id, prompt=prompt, system_prompt=system,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = HFPseudoReportGenerator(model_id, prompt=prompt, system_prompt=system,
+                                  max_new_tokens=args.max_new_tokens, batch_size=batch_size)
 
     def process(batch):
         results, images, _, slots = _load_inputs(batch)
         for i, text in zip(slots, gen.generate(images)):
             results[i] = {"pseudo_report": text, "split": batch[i]["split"], "generator": "hf",
-                          "model": str(args.model_id)}
+                          "model": str(model_id)}
         return results
 
-    info = {"generator": "hf", "model": str(args.model_id), "prompt": prompt, "system_prompt": system,
+    info = {"generator": "hf", "model": str(model_id), "prompt": prompt, "system_prompt": system,
             "max_new_tokens": args.max_new_tokens, **gen.generation_kwargs}
     return process, info
 
 
-def build_retrieval_batch_fn(args):
-    """Batch function and run description for ``--generator retrieval``."""
-    from qdistill_hf.reports.pseudo_reports import CLIPImageEmbedder, RetrievalPseudoReportGenerator
+def build_retrieval_batch_fn(args: GenerateArguments, batch_size: int):
+    """Batch function and run description for `--generator retrieval`."""
+    from qdistill_hf.reports.pseudo_reports import (
+        CLIPImageEmbedder,
+        RetrievalPseudoReportGenerator,
+        read_folder_metadata,
+    )
 
-    if not args.vision_model:
-        raise SystemExit("--generator retrieval needs --vision_model (a CLIPVisionModel folder)")
-    embedder = CLIPImageEmbedder(args.vision_model, batch_size=args.batch_size)
+    embedder = CLIPImageEmbedder(args.vision_model, batch_size=batch_size)
     train = read_folder_metadata(args.data_dir, splits=["train"])
     if not train:
         raise SystemExit(f"{args.data_dir}/metadata.csv has no 'train' rows to retrieve from")
@@ -148,6 +182,9 @@ def build_retrieval_batch_fn(args):
 
 def write_outputs(rows, out_dir, merged_path):
     """Original layout + quality summary from the merged file; prints a summary; returns the missing count."""
+    from qdistill_hf.reports.pseudo_reports import quality_summary, reports_from_records, write_medgemma_layout
+    from qdistill_hf.reports.resumable import atomic_write_text, read_jsonl
+
     records = read_jsonl(merged_path)
     reports = reports_from_records(records, source=str(merged_path))
     write_medgemma_layout(out_dir, reports, {str(r["study_id"]): r["split"] for r in records})
@@ -163,14 +200,18 @@ def write_outputs(rows, out_dir, merged_path):
     return len(missing)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Generate a pseudo-report for every study of `--data_dir` (see the module docstring)."""
+    args, runner_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qdistill_hf.reports.pseudo_reports import read_folder_metadata
+    from qdistill_hf.reports.resumable import run_from_args
+
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.data_dir) / "medgemma_reports"
     rows = read_folder_metadata(args.data_dir, splits=args.splits, limit=args.limit)
     build = build_hf_batch_fn if args.generator == "hf" else build_retrieval_batch_fn
-    fn, info = build(args)
-    run_from_args(args, rows, fn, out_dir, merged_name=MERGED_NAME, run_info=info,
+    fn, info = build(args, runner_args.batch_size)
+    run_from_args(runner_args, rows, fn, out_dir, merged_name=MERGED_NAME, run_info=info,
                   on_merged=lambda merged: write_outputs(rows, out_dir, merged))
     return 0
 
