@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
 from qdistill_hf.convert.convert_chexzero_to_hf import (
     CHEXZERO_PIXEL_MEAN,
@@ -20,6 +20,7 @@ from qdistill_hf.convert.convert_chexzero_to_hf import (
     convert_chexzero_checkpoint,
     convert_openai_visual_state_dict,
 )
+from qdistill_hf.models.processing_qdistill import QDistillImageProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,23 +182,44 @@ def test_saved_folder_reloads_with_identical_outputs_and_chexzero_processor(chec
     assert torch.equal(a.last_hidden_state, b.last_hidden_state)
     assert torch.equal(a.pooler_output, b.pooler_output)
 
-    processor = CLIPImageProcessorPil.from_pretrained(out_dir)
-    assert processor.do_rescale is False and processor.do_center_crop is False
+    # The folder holds exactly QDistillImageProcessor.chexzero_preset() at the model's size (one definition).
+    processor = QDistillImageProcessor.from_pretrained(out_dir)
+    preset = QDistillImageProcessor.chexzero_preset(size={"height": IMAGE, "width": IMAGE})
+    assert type(processor) is QDistillImageProcessor and processor.to_dict() == preset.to_dict()
+    assert processor.do_rescale is False and processor.resize_mode == "pad"
     assert list(processor.image_mean) == [CHEXZERO_PIXEL_MEAN] * 3
     assert list(processor.image_std) == [CHEXZERO_PIXEL_STD] * 3
-    assert processor.size["shortest_edge"] == IMAGE and int(processor.resample) == Image.Resampling.BICUBIC
+    assert int(processor.resample) == Image.Resampling.BICUBIC
     # A constant gray film stays constant under bicubic resizing, so the value is exact on the 0-255 scale.
     gray = Image.fromarray(np.full((64, 64), 200, dtype=np.uint8), mode="L")
     values = processor(images=gray, return_tensors="pt")["pixel_values"]
     assert values.shape == (1, 3, IMAGE, IMAGE)
     expected = (200 - CHEXZERO_PIXEL_MEAN) / CHEXZERO_PIXEL_STD
     assert torch.allclose(values, torch.full_like(values, expected), atol=1e-5)
+    # A non-square film is letterboxed to the model's square input (zero-padding = black before normalising).
+    wide = processor(images=Image.new("L", (80, 64), 200), return_tensors="pt")["pixel_values"]
+    assert wide.shape == (1, 3, IMAGE, IMAGE)
+    assert torch.allclose(wide[0, :, 0, 0], torch.full((3,), -CHEXZERO_PIXEL_MEAN / CHEXZERO_PIXEL_STD))
 
 
 def test_caller_supplied_image_processor_is_saved(checkpoint, tmp_path):
-    custom = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, do_center_crop=False, image_mean=[0.5] * 3)
+    custom = QDistillImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3)
     convert_chexzero_checkpoint(checkpoint, tmp_path / "out", image_processor=custom)
-    assert list(CLIPImageProcessorPil.from_pretrained(tmp_path / "out").image_mean) == [0.5] * 3
+    assert list(QDistillImageProcessor.from_pretrained(tmp_path / "out").image_mean) == [0.5] * 3
+    with pytest.raises(ValueError, match=r"image_processor resizes to 224x224, but the converted model expects 32x32"):
+        convert_chexzero_checkpoint(checkpoint, tmp_path / "bad", image_processor=QDistillImageProcessor())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    sd = _openai_clip_state_dict()
+    sd["visual.transformer.resblocks.1.mlp.c_fc.weight"][3, 5] = bad
+    path = tmp_path / "nan.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"nan\.pt: non-finite \(NaN or inf\) weights in "
+                                         r"'visual\.transformer\.resblocks\.1\.mlp\.c_fc\.weight' \(1 of 65536 values\)"):
+        convert_chexzero_checkpoint(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_with_projection_keeps_visual_proj(checkpoint, tmp_path, pixels):

@@ -34,17 +34,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-from transformers.image_utils import PILImageResampling
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from ..models.processing_qdistill import CHEXZERO_MEAN, CHEXZERO_STD, QDistillImageProcessor
 
 logger = logging.getLogger(__name__)
 
 # Suggested Hub id for a converted ViT-B/32 folder, used in docs only: nothing here downloads or uploads it.
 CHEXZERO_HUB_ID = "qdistill-hf/chexzero-vit-b32"
 
-# CheXzero's zero_shot.py normalises raw 0-255 grayscale (repeated to 3 channels) with these constants.
-CHEXZERO_PIXEL_MEAN = 101.48761
-CHEXZERO_PIXEL_STD = 83.43944
+# The one definition lives in models/processing_qdistill.py; these names are kept for existing imports.
+CHEXZERO_PIXEL_MEAN = CHEXZERO_MEAN
+CHEXZERO_PIXEL_STD = CHEXZERO_STD
 
 # OpenAI CLIP derives the vision head count as width // 64.
 OPENAI_HEAD_WIDTH = 64
@@ -148,6 +149,17 @@ def convert_openai_visual_state_dict(
         raise ValueError(
             "the visual tower is a ResNet (found 'visual.layer1'/'visual.attnpool' keys): "
             "only ViT CheXzero/CLIP checkpoints are supported"
+        )
+    non_finite = []
+    for key, value in sorted(visual.items()):
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                non_finite.append(f"'{_VISUAL_PREFIX}{key}' ({bad} of {value.numel()} values)")
+    if non_finite:
+        raise ValueError(
+            f"non-finite (NaN or inf) weights in {', '.join(non_finite)}: the checkpoint is corrupt or was saved "
+            "from a diverged run; a converted encoder would output NaN"
         )
     missing_stem = [f"{_VISUAL_PREFIX}{key}" for key in _STEM_KEYS if key not in visual]
     if missing_stem:
@@ -277,31 +289,21 @@ def convert_openai_visual_state_dict(
     return config, converted
 
 
-def chexzero_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
-    """Image processor reproducing CheXzero's zero-shot preprocessing.
+def chexzero_image_processor(image_size: int = 224) -> QDistillImageProcessor:
+    """The image processor saved with every converted folder: ``QDistillImageProcessor.chexzero_preset()``.
 
-    CheXzero feeds raw 0-255 grayscale repeated to 3 channels, normalised with mean 101.48761 and
-    std 83.43944 (no rescale to [0, 1]), bicubic-resized to the ViT input size. Inputs must already be
-    square (CheXzero zero-pads to 320x320); no centre crop is applied, so a non-square image yields
-    non-square ``pixel_values`` that ``CLIPVisionModel`` rejects instead of being silently cropped.
+    CheXzero feeds raw 0-255 grayscale repeated to 3 channels, normalised with mean 101.48761 and std 83.43944
+    (no rescale to [0, 1]); the preset keeps the aspect ratio and zero-pads to a square (CheXzero pads too), so
+    non-square films reach the ViT at ``image_size`` x ``image_size``. The constants are defined once, in
+    :mod:`qdistill_hf.models.processing_qdistill`.
 
     Args:
         image_size: the ViT input side (``config.image_size``).
 
     Returns:
-        A configured ``CLIPImageProcessorPil``.
+        ``QDistillImageProcessor.chexzero_preset(size={"height": image_size, "width": image_size})``.
     """
-    return CLIPImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": image_size},
-        resample=PILImageResampling.BICUBIC,
-        do_center_crop=False,
-        do_rescale=False,
-        do_normalize=True,
-        image_mean=[CHEXZERO_PIXEL_MEAN] * 3,
-        image_std=[CHEXZERO_PIXEL_STD] * 3,
-        do_convert_rgb=True,
-    )
+    return QDistillImageProcessor.chexzero_preset(size={"height": image_size, "width": image_size})
 
 
 def load_openai_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -337,7 +339,7 @@ def load_openai_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torc
 def convert_chexzero_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike | None,
-    image_processor: CLIPImageProcessorPil | None = None,
+    image_processor: QDistillImageProcessor | None = None,
     num_attention_heads: int | None = None,
     with_projection: bool = False,
 ) -> CLIPVisionModel | CLIPVisionModelWithProjection:
@@ -347,7 +349,9 @@ def convert_chexzero_checkpoint(
         checkpoint_path: the CheXzero ``.pt`` state dict (e.g. ``checkpt/chexzero_best.pt``).
         output_dir: folder that receives ``save_pretrained`` (``config.json`` + ``model.safetensors``) and
             ``preprocessor_config.json``; ``None`` converts without writing anything.
-        image_processor: the processor to save; defaults to ``chexzero_image_processor(config.image_size)``.
+        image_processor: the processor to save; defaults to ``chexzero_image_processor(config.image_size)`` (the
+            ``chexzero_preset()``). It must be a ``QDistillImageProcessor`` resizing to ``config.image_size``, since
+            the retrieval embedder loads the folder's processor with that class.
         num_attention_heads: override of OpenAI's ``width // 64`` head count.
         with_projection: save a ``CLIPVisionModelWithProjection`` (keeps ``visual.proj``) instead of a
             ``CLIPVisionModel``.
@@ -357,7 +361,8 @@ def convert_chexzero_checkpoint(
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint is not a convertible OpenAI CLIP ViT (the message names the file).
+        ValueError: the checkpoint is not a convertible OpenAI CLIP ViT, or holds NaN/inf weights (the message names
+            the file and the tensors), or ``image_processor`` does not fit the model.
     """
     path = Path(checkpoint_path)
     state_dict = load_openai_checkpoint(path)
@@ -385,8 +390,17 @@ def convert_chexzero_checkpoint(
 
     if output_dir is not None:
         output_dir = Path(output_dir)
-        model.save_pretrained(output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise NotADirectoryError(f"output_dir {output_dir} exists and is a file, not a folder")
         processor = image_processor if image_processor is not None else chexzero_image_processor(config.image_size)
+        if not isinstance(processor, QDistillImageProcessor):
+            raise ValueError(f"image_processor must be a QDistillImageProcessor, got {type(processor).__name__}")
+        if (processor.size["height"], processor.size["width"]) != (config.image_size, config.image_size):
+            raise ValueError(
+                f"image_processor resizes to {processor.size['height']}x{processor.size['width']}, but the converted "
+                f"model expects {config.image_size}x{config.image_size}"
+            )
+        model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         logger.info("saved %s (%d parameters) to %s", model_class.__name__, model.num_parameters(), output_dir)
     return model
