@@ -49,9 +49,9 @@ class QDistillTrainingArguments(TrainingArguments):
             When set, `T` decreases linearly from `kd_temperature` at step 0 to this value at the last step.
         attention_alignment_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the attention alignment loss: each model's query-to-image cross-attention probabilities are
-            averaged over cross-attention layers, heads and queries into one distribution over the image tokens, and
-            the loss is the squared L2 distance between the student's and the teacher's distributions (summed over
-            image tokens, averaged over the batch). `0` skips it (and the attention computation).
+            averaged over cross-attention layers, heads and queries into one distribution over the `T` image tokens,
+            and the loss is the mean squared error between `T * student_map` and `T * teacher_map` (uniform attention
+            is 1 on that scale), averaged over image tokens and films. `0` skips it (and the attention computation).
         supervised_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the student's own focal loss on the labels.
         student_text_column (`str`, *optional*, defaults to `"pseudo_report"`):
@@ -107,7 +107,7 @@ class QDistillTrainingArguments(TrainingArguments):
     )
     attention_alignment_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the squared L2 distance between averaged cross-attention maps (0 = off)."},
+        metadata={"help": "Weight of the MSE between token-count-scaled cross-attention maps (0 = off)."},
     )
     supervised_weight: float = field(default=1.0, metadata={"help": "Weight of the student's focal loss on labels."})
     student_text_column: str | None = field(

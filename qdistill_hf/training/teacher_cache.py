@@ -55,15 +55,20 @@ def cross_attention_map(cross_attentions: tuple[torch.Tensor, ...]) -> torch.Ten
 
 def attention_alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """
-    Squared L2 distance between two `(batch, image_tokens)` attention distributions, summed over image tokens and
-    averaged over the batch: `mean_b sum_t (s[b, t] - t[b, t]) ** 2`.
+    Mean squared error between two `(batch, image_tokens)` attention distributions, each first multiplied by the
+    number of image tokens `T`: `mean_{b,t} (T * s[b, t] - T * t[b, t]) ** 2`.
+
+    The factor `T` puts the maps on a scale where uniform attention is 1 everywhere, so the loss (and a sensible
+    weight for it) does not shrink with the image resolution; without it a 50-token map differs from another by
+    about 1e-4 per token and the loss would be ~1e-7.
     """
     if student_map.shape != teacher_map.shape:
         raise ValueError(
             f"Student and teacher attention maps differ in shape: {tuple(student_map.shape)} vs "
             f"{tuple(teacher_map.shape)}; the two models must share the vision encoder geometry."
         )
-    return (student_map.float() - teacher_map.float()).pow(2).sum(dim=-1).mean()
+    tokens = student_map.shape[-1]
+    return (tokens * (student_map.float() - teacher_map.float())).pow(2).mean()
 
 
 @torch.no_grad()

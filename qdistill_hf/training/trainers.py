@@ -178,7 +178,8 @@ class QDistillDistillationTrainer(_QDistillTrainerMixin, Trainer):
 
     Loss = `feature_mse_weight * MSE + feature_cosine_weight * (1 - cos)` between the student's `projected_output` and
     the teacher's pooled queries for `args.distill_target`, `+ logit_kd_weight * T**2 * KL` on the triage logits at
-    the current temperature, `+ attention_alignment_weight *` [`attention_alignment_loss`], `+ supervised_weight *`
+    the current temperature, `+ attention_alignment_weight *` [`attention_alignment_loss`] of the two models'
+    averaged cross-attention maps ([`cross_attention_map`]), `+ supervised_weight *`
     the student's focal loss on `labels`. Each component is logged (`kd_mse`, `kd_cosine`, `kd_logits`,
     `kd_attention`, `loss_supervised`, `kd_temperature`).
 
