@@ -47,23 +47,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             tmp.unlink()
         except OSError:
             pass
-        raise named_os_error(exc, path, "write") from exc
+        raise named_os_error(exc, path, "write", "the previous file, if any, is unchanged") from exc
     return path
 
 
-def named_os_error(exc: OSError, path: str | os.PathLike, action: str) -> OSError:
-    """An ``OSError`` of the same errno whose message names ``path`` (and says "disk full" for ENOSPC/EDQUOT).
+def named_os_error(exc: OSError, path: str | os.PathLike, action: str, hint: str = "") -> OSError:
+    """An ``OSError`` of the same type and errno whose message names ``path`` (and says "disk full" for ENOSPC/EDQUOT).
 
     Args:
         exc: the original error.
         path: the file being written or read.
         action: verb for the message, e.g. ``"write"`` or ``"append to"``.
+        hint: text appended to the message (e.g. what state was kept).
     """
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         reason = f"{reason} (disk full or quota exceeded: free space and rerun)"
-    return type(exc)(exc.errno, f"cannot {action} {path}: {reason}") if exc.errno else OSError(
-        f"cannot {action} {path}: {reason}")
+    message = f"cannot {action} {path}: {reason}{'; ' + hint if hint else ''}"
+    return type(exc)(exc.errno, message) if exc.errno else OSError(message)
 
 
 def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:

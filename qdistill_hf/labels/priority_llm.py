@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .priority_rules import score_report
-from ..utils import atomic_write_text, resolve_device_dtype
+from ..utils import atomic_write_text, load_pretrained, resolve_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +192,11 @@ class HFChatGenerate:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_id_or_path))
+        self.tokenizer = load_pretrained(AutoTokenizer, model_id_or_path, "model_id_or_path")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             raise ValueError(f"{model_id_or_path}: tokenizer has no pad token; batched generation needs one")
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_id_or_path), dtype=self.dtype)
+        self.model = load_pretrained(AutoModelForCausalLM, model_id_or_path, "model_id_or_path", dtype=self.dtype)
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, named_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,27 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False, strict: bool = Fal
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one JSON line and fsync it; on any write error (disk full...) the file is cut back to its previous
+    end, so the resume state stays exactly the records written before, and the error names the file."""
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    start = None
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except OSError as exc:
+        if start is not None:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # a torn last line is still ignored and repaired by read_jsonl on the next run
+        raise named_os_error(exc, path, "append to", "the records written before are intact: rerun to resume") from exc
+    finally:
+        os.close(fd)
 
 
 def load_finished(out_dir: str | os.PathLike, merged_name: str, key: str = "study_id") -> dict[str, dict]:
