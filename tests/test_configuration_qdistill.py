@@ -85,3 +85,12 @@ def test_bad_types_and_student_modes_raise():
         QDistillTeacherConfig(embed_dim="big")
     with pytest.raises(StrictDataclassClassValidationError, match="`text_mode` must be one of"):
         QDistillStudentConfig(text_mode="report")
+
+
+def test_a_config_dict_of_another_model_type_is_refused_naming_both_types():
+    teacher_dict = teacher_config().to_dict()
+    assert type(QDistillTeacherConfig.from_dict(teacher_dict)) is QDistillTeacherConfig
+    with pytest.raises(ValueError, match="model_type `qdistill_teacher`, but QDistillStudentConfig is model_type `qdistill_student`"):
+        QDistillStudentConfig.from_dict(teacher_dict)
+    with pytest.raises(ValueError, match="model_type `bert`, but QDistillTeacherConfig"):
+        QDistillTeacherConfig.from_dict({**teacher_dict, "model_type": "bert"})

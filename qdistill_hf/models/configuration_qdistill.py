@@ -53,6 +53,17 @@ def _post_init_composite(config, kwargs):
     config.qformer_config.encoder_hidden_size = config.vision_config.hidden_size
 
 
+def _check_model_type(cls, config_dict):
+    """Refuse a `config.json` of another model type instead of building this model from it with random weights."""
+    found = config_dict.get("model_type")
+    if found is not None and found != cls.model_type:
+        raise ValueError(
+            f"This configuration has model_type `{found}`, but {cls.__name__} is model_type `{cls.model_type}`: the "
+            f"checkpoint holds another model. Load it with the class of its own type (AutoModel picks it from "
+            f"config.json), or point to a `{cls.model_type}` checkpoint."
+        )
+
+
 def _check_positive_ints(config, *names):
     for name in names:
         value = getattr(config, name)
@@ -258,6 +269,12 @@ class QDistillTeacherConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         _post_init_composite(self, kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Build the config from a dict (as `from_pretrained` does); a dict of another `model_type` raises."""
+        _check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_architecture(self):
         """Checks run when the config is built (part of `@strict` validation)."""
         _check_positive_ints(self, "embed_dim")
@@ -330,6 +347,12 @@ class QDistillStudentConfig(PreTrainedConfig):
             self.qformer_config = {**STUDENT_QFORMER_DEFAULTS, **self.qformer_config}
         _post_init_composite(self, kwargs)
         self.qformer_config.use_text_input = self.text_mode == "pseudo_report"
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Build the config from a dict (as `from_pretrained` does); a dict of another `model_type` raises."""
+        _check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def validate_architecture(self):
         """Checks run when the config is built (part of `@strict` validation)."""

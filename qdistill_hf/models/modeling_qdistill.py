@@ -1,6 +1,7 @@
 """PyTorch Q-DISTILL models: a BLIP-2 style Q-Former teacher over a frozen CheXzero encoder, and its student."""
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -526,6 +527,17 @@ class QDistillQFormerEncoder(nn.Module):
         return hidden_states, all_hidden, all_self, all_cross
 
 
+def _weights_file_name(pretrained_model_name_or_path) -> str:
+    """The `.safetensors` file(s) a `from_pretrained` call reads, for error messages."""
+    folder = os.fspath(pretrained_model_name_or_path)
+    if os.path.isdir(folder):
+        files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+        if len(files) == 1:
+            return os.path.join(folder, files[0])
+        return f"the .safetensors files in {folder} ({', '.join(files)})"
+    return f"{folder} (model.safetensors)"
+
+
 class QDistillPreTrainedModel(PreTrainedModel):
     """Weight initialisation, the frozen-encoder contract and the `from_pretrained` re-freeze, shared by all models."""
 
@@ -581,9 +593,19 @@ class QDistillPreTrainedModel(PreTrainedModel):
         return None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            # A truncated or garbage weights file otherwise surfaces as safetensors' bare "Error while deserializing
+            # header", which names neither the file nor the fix.
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"Could not read the weights of {_weights_file_name(pretrained_model_name_or_path)}: {error}. The file "
+                "is truncated or corrupt (an interrupted download or save); re-download or re-save the checkpoint."
+            ) from error
         # The loader re-creates every parameter with `requires_grad=True`, so freezing done in `__init__` is lost.
-        model = super().from_pretrained(*args, **kwargs)
         model._apply_trainability()
         return model
 
