@@ -824,17 +824,20 @@ def load_cxr_dataset(
     builder.download_and_prepare()
     if name != "synthetic":
         manifest = Path(builder.cache_dir) / SOURCE_MANIFEST_NAME
-        if getattr(builder, "prepared_source_files", None) is None:
+        built = getattr(builder, "prepared_source_files", None) is not None
+        if not built:
             changed = _changed_source_files(manifest)
             if changed is None or changed:
                 if changed:
                     logger.warning("%d source file(s) changed since %s was prepared (first: %s); preparing it again",
-                               len(changed), builder.cache_dir, changed[0])
+                                   len(changed), builder.cache_dir, changed[0])
                 else:
                     logger.warning("%s has no readable %s; preparing it again", builder.cache_dir, SOURCE_MANIFEST_NAME)
                 builder.download_and_prepare(download_mode="force_redownload")
-        states = {path: _file_state(path) for path in builder.prepared_source_files}
-        atomic_write_text(manifest, json.dumps(states, sort_keys=True))
+                built = True
+        if built:
+            states = {path: _file_state(path) for path in builder.prepared_source_files}
+            atomic_write_text(manifest, json.dumps(states, sort_keys=True))
     return builder.as_dataset()
 
 

@@ -152,6 +152,8 @@ def _array_to_eight_bit(array: np.ndarray, name: str, scaling: str) -> np.ndarra
         )
     if channels in (2, 4):
         values = _composite_on_black(values)
+        if channels == 2:
+            values = values[..., 0]
     return np.rint(values).astype(np.uint8)
 
 
@@ -192,7 +194,7 @@ def to_eight_bit_film(
     """
     if isinstance(image, Image.Image):
         filename = getattr(image, "filename", "") or ""
-        name = f"{name} (file {filename!r})" if filename else name
+        name = f"{name} (file {filename!r})" if filename and str(filename) not in name else name
         width, height = image.size
         _check_size(width, height, name, min_side)
         try:
