@@ -567,27 +567,6 @@ class QDistillPreTrainedModel(PreTrainedModel):
         if isinstance(module, QDistillTeacherModel):
             init.constant_(module.logit_scale, math.log(1 / module.config.temperature_init))
 
-    def validate_batch(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        positive_mask: torch.Tensor | None = None,
-        check_values: bool = True,
-        **unused,
-    ):
-        """
-        Raise a `ValueError` naming the field, sizes or batch rows if this batch is not valid for this model: see
-        [`validate_model_inputs`]. `forward` runs it itself in eager mode; under `torch.compile` only its free shape
-        checks run there, so call `model.validate_batch(**batch)` from the data collator or the training step (on
-        CPU tensors) to keep the value checks. Keys the model does not validate are ignored.
-        """
-        validate_model_inputs(
-            self.config, pixel_values, input_ids, attention_mask, image_features, labels, positive_mask, check_values
-        )
-
     def _focal_alpha(self, logits: torch.Tensor) -> torch.Tensor | None:
         alpha = getattr(self.config, "focal_alpha", None)
         return None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
@@ -769,6 +748,27 @@ class _FrozenVisionMixin:
             self.vision_model.eval()
         return self
 
+    def validate_batch(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        positive_mask: torch.Tensor | None = None,
+        check_values: bool = True,
+        **unused,
+    ):
+        """
+        Raise a `ValueError` naming the field, sizes or batch rows if this batch is not valid for this model: see
+        [`validate_model_inputs`]. `forward` runs it itself in eager mode; under `torch.compile` only its free shape
+        checks run there, so call `model.validate_batch(**batch)` from the data collator or the training step (on
+        CPU tensors) to keep the value checks. Keys the model does not validate are ignored.
+        """
+        validate_model_inputs(
+            self.config, pixel_values, input_ids, attention_mask, image_features, labels, positive_mask, check_values
+        )
+
     def get_image_features(
         self, pixel_values: torch.FloatTensor | None = None, image_features: torch.FloatTensor | None = None
     ) -> torch.FloatTensor:
@@ -858,9 +858,15 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
             return_loss (`bool`, *optional*): compute ITC and ITM (needs the report and a batch of at least 2).
             positive_mask (`torch.BoolTensor` of shape `(batch_size, batch_size)`, *optional*): which image-report
                 pairs are positives. Defaults to pairs with identical reports.
-            generator (`torch.Generator`, *optional*): makes the ITM hard-negative draw reproducible.
+            generator (`torch.Generator`, *optional*): makes the ITM hard-negative draw reproducible. Leave it
+                `None` under `torch.compile` (a generator object splits the graph; seed with `torch.manual_seed`).
             output_attentions (`bool`, *optional*): also return the attention probabilities of the bidirectional
                 pass over the positive pairs (computed by the eager path).
+
+        Under `torch.compile` the training step is one graph: the checks that read tensor values (non-finite
+        films, vocabulary, empty reports, label range, positive-mask diagonal, non-finite loss) are skipped, so call
+        `validate_batch` on each batch outside the graph and check the loss in the training
+        loop. A batch without any hard negative then gives `loss_itm = 0` (all `itm_weights` 0) instead of `None`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         has_text = input_ids is not None
@@ -1036,6 +1042,10 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
                 Cached `last_hidden_state` of the frozen encoder.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): triage class ids; adds the focal loss.
             output_attentions (`bool`, *optional*): also return the Q-Former's attention probabilities.
+
+        Under `torch.compile` the value checks (non-finite films, vocabulary, empty reports, label range, non-finite
+        loss) are skipped to keep one graph: call `validate_batch` on each batch outside
+        the graph and check the loss in the training loop.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.validate_batch(
