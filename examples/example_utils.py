@@ -1,0 +1,438 @@
+"""Plumbing shared by `run_teacher.py` and `run_distillation.py`.
+
+Importing this module costs only the standard library: torch, transformers' Trainer, datasets and qdistill_hf
+(about 7 s together on a 2-core CPU) are imported inside the functions that need them, after the command line is
+parsed, so that `--help` answers at once. What lives here:
+
+- `parse_arguments`: `--help` (the script's own options), `--help_all` (every option), a single `.yaml`/`.yml`/
+  `.json` argument (`parse_yaml_file` / `parse_json_file`) optionally followed by `--option value` overrides, or
+  plain command-line flags;
+- `DataArguments`: the dataset options both scripts share;
+- `setup_logging`, `load_splits`, `cache_features`: the first steps of both scripts;
+- `TRAINING_DEFAULTS`: where the scripts' defaults differ from `QDistillTrainingArguments`' (evaluation and saving
+  every epoch, best model by validation AUROC);
+- `finish`: save, log and save metrics, then push to the Hub (guarded: offline it fails with a clear message and
+  leaves the local files intact) or write a model card.
+"""
+
+import argparse
+import ast
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import HfArgumentParser  # ~1 s: transformers is lazy until a model or Trainer is touched
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+HELP_ALL_FLAG = "--help_all"
+
+
+def read_library_constant(relative_path: str, name: str) -> Any:
+    """Read a literal constant (`NAME = (...)`) from a qdistill_hf module's source without importing it.
+
+    Importing any qdistill_hf module imports torch and transformers' models (`qdistill_hf/__init__.py` registers the
+    Auto classes), which takes seconds; `--help` must not. Reading the literal keeps the choices the library's own.
+
+    Args:
+        relative_path (`str`): the module's path inside the package, e.g. `"data/data_cxr.py"`.
+        name (`str`): the module-level name assigned a literal.
+
+    Raises:
+        ImportError: qdistill_hf is not installed.
+        RuntimeError: the module has no such literal assignment.
+    """
+    spec = importlib.util.find_spec("qdistill_hf")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("qdistill_hf is not installed: run `pip install -e .` from the repository root")
+    source_path = Path(next(iter(spec.submodule_search_locations)), relative_path)
+    for node in ast.parse(source_path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == name for target in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{source_path}: no module-level `{name} = <literal>` to read")
+
+
+DatasetName = Literal[read_library_constant("data/data_cxr.py", "CONFIG_NAMES")]
+
+
+@dataclass
+class DataArguments:
+    """Which dataset to train and evaluate on (`qdistill_hf.load_cxr_dataset`)."""
+
+    _argument_group_name = "data options"
+
+    dataset_name: DatasetName = field(
+        default="synthetic",
+        metadata={"help": "Config of the qdistill_hf CXR dataset builder (synthetic needs no data_dir)."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Data folder of the dataset (see data_scripts/)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "datasets cache folder for the prepared Arrow files (and the frozen-feature cache)."},
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names, index = class id: the builder's label_names (TrainingArguments has its own "
+            "label_names). Default: the builder's."
+        },
+    )
+    dataset_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Other CxrBuilderConfig options: a JSON object on the command line, a mapping in a YAML/JSON "
+            "config, e.g. '{\"num_train\": 200, \"num_validation\": 50}' for synthetic."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training studies (quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N validation studies (quick runs)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N test studies (quick runs)."}
+    )
+    use_feature_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen vision encoder once per film and train on its cached tokens (fp16, beside the "
+            "dataset's Arrow files). Also switched on by --feature_cache_dir."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dataset_config, str):
+            try:
+                self.dataset_config = json.loads(self.dataset_config)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--dataset_config must be a JSON object, got {self.dataset_config!r}: {error}") from None
+        if self.dataset_config is not None and not isinstance(self.dataset_config, dict):
+            raise ValueError(f"dataset_config must be a mapping of CxrBuilderConfig options, got {self.dataset_config!r}")
+        clashes = sorted(set(self.dataset_config or {}) & {"data_dir", "label_names", "cache_dir"})
+        if clashes:
+            raise ValueError(
+                f"dataset_config holds {clashes}: give data_dir and cache_dir as options, label_names as class_names"
+            )
+        if self.dataset_name != "synthetic" and self.data_dir is None:
+            raise ValueError(f"--dataset_name {self.dataset_name} needs --data_dir")
+        for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, description and epilog printed as written."""
+
+
+def _is_help(argv: Sequence[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def parse_arguments(
+    script_types: tuple[type, ...],
+    training_types: Callable[[], tuple[type, ...]],
+    argv: Sequence[str] | None,
+    description: str,
+    training_epilog: str,
+) -> tuple:
+    """Parse the command line into the script's dataclasses followed by the training-arguments dataclass(es).
+
+    - `-h`/`--help`: the options of `script_types` plus `training_epilog` (the training options that matter most),
+      without importing torch;
+    - `--help_all`: every option, training ones included (imports torch and transformers' Trainer);
+    - `CONFIG.yaml|.yml|.json [--option value ...]`: the file's mapping (as `parse_yaml_file`/`parse_json_file`
+      read it) through `parse_dict`; options after it override the file's values;
+    - otherwise `parse_args_into_dataclasses`.
+
+    Args:
+        script_types (`tuple[type, ...]`): the script's own dataclasses (standard library only).
+        training_types (`Callable[[], tuple[type, ...]]`): returns the training dataclass(es); called only when
+            needed, because importing them imports torch.
+        argv (`Sequence[str]`, *optional*): the arguments; `None` reads `sys.argv[1:]`.
+        description (`str`): the parser's description.
+        training_epilog (`str`): text after the script's options in `--help`.
+
+    Returns:
+        `tuple`: one instance per dataclass, `script_types` first.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _is_help(argv) and HELP_ALL_FLAG not in argv:
+        parser = HfArgumentParser(
+            script_types, description=description, epilog=training_epilog, formatter_class=_HelpFormatter
+        )
+        parser.add_argument(HELP_ALL_FLAG, action="store_true", help="List every option, training ones included.")
+        parser.parse_args(argv)  # prints the help and exits
+    dataclass_types = (*script_types, *training_types())
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    if HELP_ALL_FLAG in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        config_file, overrides = argv[0], argv[1:]
+        values = {**TRAINING_DEFAULTS, **_read_config_file(config_file)}
+        if overrides:
+            values.update(_parse_overrides(dataclass_types, overrides))
+        return parser.parse_dict(values)
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def _read_config_file(path: str) -> dict:
+    """The mapping in a `.json` or `.yaml`/`.yml` file; anything else raises naming the file."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return values
+
+
+def _parse_overrides(dataclass_types: tuple[type, ...], overrides: list[str]) -> dict:
+    """Only the options given in `overrides`, parsed with the full parser's types (no defaults, nothing required)."""
+    parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+            action.required = False
+    return vars(parser.parse_args(overrides))
+
+
+# ----------------------------------------------------------------------------------------------- training args
+
+
+# The scripts' defaults where they differ from QDistillTrainingArguments': evaluation and checkpoints every epoch, the
+# checkpoint with the best validation AUROC reloaded at the end, at most 2 checkpoints kept (the best one included).
+TRAINING_DEFAULTS = {
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "auroc",
+    "save_total_limit": 2,
+}
+
+
+def training_arguments_class() -> type:
+    """`QDistillTrainingArguments` (imports torch: call it after `--help` is handled)."""
+    from qdistill_hf.training import QDistillTrainingArguments
+
+    return QDistillTrainingArguments
+
+
+def training_epilog(script: str, extra: str = "") -> str:
+    """The `--help` text about the training options (the ones that matter most, by name)."""
+    return (
+        "training options: every QDistillTrainingArguments / transformers.TrainingArguments option is accepted.\n"
+        "The ones that matter most:\n"
+        "  --output_dir DIR                 where the model, processor, metrics and checkpoints go\n"
+        "  --num_train_epochs N, --per_device_train_batch_size N, --per_device_eval_batch_size N\n"
+        "  --learning_rate LR, --weight_decay WD, --lr_scheduler_type cosine, --warmup_steps N, --max_grad_norm X\n"
+        "  --eval_strategy epoch, --save_strategy epoch, --load_best_model_at_end true, "
+        "--metric_for_best_model auroc\n"
+        "                                   (these four are the scripts' defaults)\n"
+        "  --seed N, --bf16 true, --logging_steps N, --report_to none\n"
+        "  --feature_cache_dir DIR          cache frozen-encoder features (and teacher targets) for training\n"
+        "  --push_to_hub true --hub_model_id USER/NAME   upload output_dir at the end (fails offline, files kept)\n"
+        f"{extra}"
+        f"Run `python examples/{script} --help_all` for all of them with their defaults (imports torch: a few "
+        "seconds).\n"
+        f"A single config file works too: `python examples/{script} examples/configs/FILE.yaml [--option value ...]`."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+def setup_logging(training_args, script_logger: logging.Logger) -> None:
+    """`run_clip.py`'s logging set-up: stdout handler; levels from `training_args.get_process_log_level()`."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    for named_logger in (script_logger, logger, logging.getLogger("qdistill_hf")):
+        named_logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    script_logger.warning(
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
+        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"bf16: {training_args.bf16}"
+    )
+
+
+def load_splits(data_args: DataArguments, training_args):
+    """The dataset's splits (`load_cxr_dataset`, main process first), trimmed by the `max_*_samples` options.
+
+    Returns:
+        `datasets.DatasetDict` with `train`, `validation` and, when the dataset has one, `test`.
+
+    Raises:
+        ValueError: no train split, or evaluation asked for without a validation split.
+    """
+    from qdistill_hf import load_cxr_dataset
+
+    config_kwargs = dict(data_args.dataset_config or {})
+    if data_args.class_names is not None:
+        config_kwargs["label_names"] = data_args.class_names
+    with training_args.main_process_first(desc="preparing the dataset"):
+        splits = load_cxr_dataset(
+            data_args.dataset_name, data_dir=data_args.data_dir, cache_dir=data_args.cache_dir, **config_kwargs
+        )
+    if "train" not in splits:
+        raise ValueError(f"dataset {data_args.dataset_name!r} has no train split (splits: {list(splits)})")
+    if "validation" not in splits and training_args.eval_strategy != "no":
+        raise ValueError(
+            f"dataset {data_args.dataset_name!r} has no validation split (splits: {list(splits)}), which model "
+            "selection needs; add one, or pass --eval_strategy no --load_best_model_at_end false"
+        )
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_test_samples),
+    ):
+        if split in splits and limit is not None and limit < len(splits[split]):
+            splits[split] = splits[split].select(range(limit))
+    return splits
+
+
+def cache_features(splits, vision_model, image_processor, training_args):
+    """Every split with the frozen encoder's tokens cached as `image_features` (and the films dropped)."""
+    import datasets
+
+    from qdistill_hf import cache_image_features
+
+    if training_args.feature_cache_dir is not None:
+        # TODO(library): cache_image_features has no cache_dir; its Arrow files go beside the dataset's.
+        logger.info("Frozen-feature cache beside the dataset's Arrow files (--cache_dir); feature_cache_dir is used "
+                    "for teacher targets only.")
+    cached = {}
+    for name, split in splits.items():
+        with_features = cache_image_features(
+            split, vision_model, image_processor, batch_size=training_args.per_device_eval_batch_size
+        )
+        # The films are not read again: dropping them saves decoding every image at every step.
+        cached[name] = with_features.remove_columns("image")
+    return datasets.DatasetDict(cached)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (`HF_HUB_OFFLINE=1`)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_result, kwargs: dict) -> int:
+    """Save the model and processor, log and save train/eval/test metrics, then push or write a model card.
+
+    Returns:
+        `int`: the exit status: 0, or 1 when the push to the Hub failed (the local files are kept).
+    """
+    # Saves the model (config.json, model.safetensors) and, as processing_class, the processor; the processor is
+    # saved once more explicitly so the folder is complete even for a Trainer built without processing_class.
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    metrics = dict(train_result.metrics)
+    metrics["train_samples"] = len(splits["train"])
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split not in splits:
+            continue
+        logger.info(f"*** Evaluate on {split} ***")
+        metrics = trainer.evaluate(eval_dataset=splits[split], metric_key_prefix=prefix)
+        metrics[f"{prefix}_samples"] = len(splits[split])
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+
+    if not push_to_hub:
+        trainer.create_model_card(**kwargs)
+        return 0
+    repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    if hub_offline():
+        logger.error(
+            f"push_to_hub: HF_HUB_OFFLINE=1, so the Hub cannot be reached and nothing was uploaded to {repo!r}. "
+            f"The model, processor and metrics are saved in {training_args.output_dir}; upload them later with "
+            f"`hf upload {repo} {training_args.output_dir}`."
+        )
+        return 1
+    try:
+        trainer.push_to_hub(**kwargs)
+    except Exception as error:  # any Hub/network/auth failure: report it, keep the files, exit non-zero
+        logger.error(
+            f"push_to_hub to {repo!r} failed ({type(error).__name__}: {error}). The model, processor and metrics "
+            f"are saved in {training_args.output_dir}; upload them later with "
+            f"`hf upload {repo} {training_args.output_dir}`.",
+            exc_info=True,
+        )
+        return 1
+    return 0
+
+
+def disable_trainer_push(training_args) -> bool:
+    """Turn off the Trainer's own Hub calls and return whether a push was asked for.
+
+    A `Trainer` with `push_to_hub=True` creates the Hub repo when it is built and pushes at every save, so offline it
+    fails before training. The scripts instead push once, after everything is saved locally (see `finish`).
+    """
+    asked = bool(training_args.push_to_hub)
+    if asked and hub_offline():
+        logger.warning(
+            "push_to_hub is set but HF_HUB_OFFLINE=1: training runs and saves locally, and the push at the end will "
+            "fail (exit status 1)."
+        )
+    training_args.push_to_hub = False
+    return asked
+
+
+def model_sizes(model_args, names: Sequence[str]) -> dict:
+    """The `names` fields of `model_args` that were given (not `None`), as config keyword arguments."""
+    return {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
+
+
+__all__ = [
+    "CONFIG_FILE_SUFFIXES",
+    "DataArguments",
+    "DatasetName",
+    "HELP_ALL_FLAG",
+    "cache_features",
+    "disable_trainer_push",
+    "finish",
+    "hub_offline",
+    "load_splits",
+    "model_sizes",
+    "parse_arguments",
+    "read_library_constant",
+    "setup_logging",
+    "TRAINING_DEFAULTS",
+    "training_arguments_class",
+    "training_epilog",
+]
