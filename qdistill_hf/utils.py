@@ -85,6 +85,29 @@ def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, An
     return device, dtype
 
 
+# ----------------------------------------------------------------------------------------------------- splits
+
+SPLITS = ("train", "validation", "test")
+# Accepted spellings in data files: MIMIC-CXR writes "validate", some tools "val".
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "test": "test", "validate": "validation", "val": "validation"}
+
+
+def normalise_split(value: str, where: str) -> str:
+    """The canonical split name (``train``, ``validation``, ``test``) of a split value read from a data file.
+
+    Args:
+        value: the value as written (``validate`` and ``val`` mean ``validation``).
+        where: text naming the file and row, for the error.
+
+    Raises:
+        ValueError: an unknown split value, naming ``where`` and the allowed values.
+    """
+    split = SPLIT_ALIASES.get(value)
+    if split is None:
+        raise ValueError(f"{where}: unknown split {value!r}; allowed: {list(SPLIT_ALIASES)}")
+    return split
+
+
 # ----------------------------------------------------------------------------------------------------- paths
 
 
@@ -386,7 +409,10 @@ __all__ = [
     "atomic_write_text",
     "check_local_model_dir",
     "load_pretrained",
+    "SPLITS",
+    "SPLIT_ALIASES",
     "named_os_error",
+    "normalise_split",
     "open_image_file",
     "read_csv_rows",
     "read_keyed_csv",

@@ -513,3 +513,32 @@ def test_processor_refuses_different_numbers_of_films_and_reports():
 def test_to_eight_bit_film_names_the_image_it_is_given():
     with pytest.raises(ValueError, match=r"^film of study s9 is 4x4 pixels"):
         to_eight_bit_film(np.zeros((4, 4), np.uint8), "film of study s9")
+
+
+# ------------------------------------------------------------------------------------------------ split values
+def test_folder_metadata_checks_and_normalises_split_values(tmp_path):
+    data = tmp_path / "data"
+    _make_folder(data, n=3, n_train=2, size=(16, 16))
+    _set_cell(data / "metadata.csv", 3, "split", "val")
+    assert [r["split"] for r in read_folder_metadata(data)] == ["train", "train", "validation"]
+    assert [r["study_id"] for r in read_folder_metadata(data, splits=["validate"])] == ["st02"]
+    with pytest.raises(ValueError, match=r"splits argument: unknown split 'trian'"):
+        read_folder_metadata(data, splits=["trian"])
+    _set_cell(data / "metadata.csv", 1, "split", "dev")
+    with pytest.raises(ValueError, match=r"metadata\.csv line 2 \(study_id 'st00'\): unknown split 'dev'"):
+        read_folder_metadata(data)
+    with pytest.raises(ValueError, match=r"limit must be >= 0, got -1"):
+        read_folder_metadata(data, limit=-1)
+
+
+def test_runner_files_that_are_folders_or_not_utf8_are_named(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"d\.jsonl is a directory, expected a JSONL file"):
+        read_jsonl(tmp_path / "d.jsonl")
+    (tmp_path / "b.jsonl").write_bytes(b'{"study_id": "a"}\n{"x": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: not valid UTF-8 \(byte 0xff\)"):
+        read_jsonl(tmp_path / "b.jsonl")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_info.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"run_info\.json: not a readable run description"):
+        run_resumable([{"study_id": "a"}], lambda b: [{}], tmp_path / "run", rank=0, world_size=1, run_info={"k": 1})

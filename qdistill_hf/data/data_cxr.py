@@ -70,15 +70,22 @@ from PIL import Image as PILImage
 
 from ..labels.policy import LABEL_NAMES, urgent_from_mesh
 from ..models.processing_qdistill import MIN_IMAGE_SIDE
-from ..utils import atomic_write_text, open_image_file, read_csv_rows, read_keyed_csv, resolve_data_path
+from ..utils import (
+    SPLIT_ALIASES,
+    SPLITS,
+    atomic_write_text,
+    normalise_split,
+    open_image_file,
+    read_csv_rows,
+    read_keyed_csv,
+    resolve_data_path,
+)
 from . import synthetic_cxr
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("qdistill_folder", "iu_xray", "mimic_cxr", "synthetic")
 CORE_COLUMNS = ("study_id", "image", "report", "pseudo_report", "label", "split")
-SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "test": "test", "validate": "validation", "val": "validation"}
 
 
 _QDISTILL_KNOWN_COLUMNS = ("study_id", "image_path", "report_path", "split", "priority_label")
@@ -253,11 +260,7 @@ def _warn_unknown(ids, known, path: Path) -> None:
         logger.warning("%s: %d study ids are not in the main index and are ignored; first %r", path, len(unknown), unknown[0])
 
 
-def _normalise_split(value: str, where: str) -> str:
-    split = SPLIT_ALIASES.get(value)
-    if split is None:
-        raise ValueError(f"{where}: unknown split {value!r}; allowed: {list(SPLIT_ALIASES)}")
-    return split
+_normalise_split = normalise_split
 
 
 def _parse_label(value, label_names: tuple[str, ...], where: str) -> int:

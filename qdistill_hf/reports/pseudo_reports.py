@@ -29,6 +29,7 @@ from typing import Any
 from ..utils import (
     atomic_write_text,
     load_pretrained,
+    normalise_split,
     open_image_file,
     read_keyed_csv,
     resolve_data_path,
@@ -521,11 +522,12 @@ def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | No
     The CSV is read by :func:`qdistill_hf.utils.read_keyed_csv` (the same reader as the dataset builder: UTF-8 with
     or without a byte-order mark, values stripped). ``image_path``/``report_path`` must stay inside ``data_dir``
     (see :func:`qdistill_hf.utils.resolve_data_path`); ``report_file`` is None when the row's ``report_path`` is
-    empty (a film without a report).
+    empty (a film without a report). ``split`` values are checked and normalised as by the builder (``validate`` and
+    ``val`` become ``validation``; anything else outside ``train``/``validation``/``test`` is an error).
 
     Args:
         data_dir: folder holding ``metadata.csv``; ``image_path``/``report_path`` are relative to it.
-        splits: keep only these splits (None: all).
+        splits: keep only these splits (None: all); aliases are accepted, unknown names are an error.
         limit: keep at most this many rows after the split filter (>= 0).
         allow_external_paths: accept absolute paths and paths leaving ``data_dir`` (explicit opt-in).
 
@@ -540,11 +542,15 @@ def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | No
         raise FileNotFoundError(f"data folder not found: {data_dir} (no such directory)")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if isinstance(splits, str):
+        splits = [splits]
+    wanted = None if splits is None else {normalise_split(s, "splits argument") for s in splits}
     meta = data_dir / "metadata.csv"
     rows = []
     for sid, (line, row) in read_keyed_csv(meta, REQUIRED_METADATA_COLUMNS[1:]).items():
         where = f"{meta} line {line} (study_id {sid!r})"
-        if splits is not None and row["split"] not in splits:
+        row["split"] = normalise_split(row["split"], where)
+        if wanted is not None and row["split"] not in wanted:
             continue
         image = resolve_data_path(data_dir, row["image_path"], where, "image_path", allow_external_paths)
         report = (resolve_data_path(data_dir, row["report_path"], where, "report_path", allow_external_paths)

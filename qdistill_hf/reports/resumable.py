@@ -112,6 +112,8 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False, strict: bool = Fal
             ``<path>:<line>: ...``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, expected a JSONL file")
     if not path.is_file():
         if strict:
             raise FileNotFoundError(f"JSONL file not found: {path}")
@@ -128,8 +130,13 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False, strict: bool = Fal
                     fh.truncate(cut)
                     fh.flush()
                     os.fsync(fh.fileno())
+    try:
+        text = data[:cut].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {data[exc.start]:#04x})") from None
     records = []
-    for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             if strict:
                 raise ValueError(f"{path}:{lineno}: blank line")
@@ -292,7 +299,11 @@ def check_run_info(out_dir: str | os.PathLike, run_info: dict) -> None:
     path = Path(out_dir) / RUN_INFO_NAME
     current = json.loads(json.dumps(run_info))
     if path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable run description ({exc}); it was edited or damaged: restore it "
+                             "or use another output folder") from None
         if recorded != current:
             fields = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
             raise ValueError(f"{path}: this folder holds outputs of another configuration (fields {fields} differ: "
