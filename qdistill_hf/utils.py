@@ -281,6 +281,39 @@ def read_keyed_csv(
     return rows
 
 
+def read_text_file(path: str | os.PathLike, where: str = "", what: str = "text", allow_empty: bool = False) -> str:
+    """Stripped UTF-8 text of a report file, with errors naming the file (and ``where``, e.g. the CSV row).
+
+    Args:
+        path: the file.
+        where: text naming the row that points at the file, prefixed to messages.
+        what: what the file is, for messages (``"report"``, ``"pseudo-report"``).
+        allow_empty: accept a file with only whitespace (returns ``""``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the path is a folder, the file is not valid UTF-8 (never replaced), or it is empty.
+    """
+    path = Path(path)
+    prefix = f"{where}: " if where else ""
+    if path.is_dir():
+        raise ValueError(f"{prefix}{what} path is a directory, not a text file: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{prefix}{what} file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{prefix}{what} file is not valid UTF-8: {path} (line {line}, byte {data[exc.start]:#04x}); "
+            "save it as UTF-8"
+        ) from None
+    if not text and not allow_empty:
+        raise ValueError(f"{prefix}{what} file is empty: {path}")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------- images
 
 
@@ -416,6 +449,7 @@ __all__ = [
     "open_image_file",
     "read_csv_rows",
     "read_keyed_csv",
+    "read_text_file",
     "resolve_data_path",
     "resolve_device_dtype",
 ]

@@ -78,6 +78,7 @@ from ..utils import (
     open_image_file,
     read_csv_rows,
     read_keyed_csv,
+    read_text_file,
     resolve_data_path,
 )
 from . import synthetic_cxr
@@ -305,18 +306,8 @@ def _check_image(path: Path, where: str, verify: bool) -> None:
 
 
 def _read_text(path: Path, where: str, what: str, allow_empty: bool = False) -> str:
-    """Stripped UTF-8 text of a report file; missing, undecodable or (unless allowed) empty files raise."""
-    if path.is_dir():
-        raise ValueError(f"{where}: {what} path is a directory, not a text file: {path}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: {what} file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{where}: {what} file is not valid UTF-8: {path} ({exc})") from exc
-    if not text and not allow_empty:
-        raise ValueError(f"{where}: {what} file is empty: {path}")
-    return text
+    """Stripped UTF-8 text of a report file (see :func:`qdistill_hf.utils.read_text_file`)."""
+    return read_text_file(path, where, what, allow_empty)
 
 
 def _apply_incomplete(problems: list[str], policy: str, what: str) -> None:
