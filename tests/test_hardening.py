@@ -542,3 +542,10 @@ def test_runner_files_that_are_folders_or_not_utf8_are_named(tmp_path):
     (tmp_path / "run" / "run_info.json").write_text("{broken", encoding="utf-8")
     with pytest.raises(ValueError, match=r"run_info\.json: not a readable run description"):
         run_resumable([{"study_id": "a"}], lambda b: [{}], tmp_path / "run", rank=0, world_size=1, run_info={"k": 1})
+
+
+def test_converter_names_a_folder_given_as_checkpoint(tmp_path):
+    from qdistill_hf.convert.convert_chexzero_to_hf import convert_chexzero_checkpoint
+
+    with pytest.raises(IsADirectoryError, match=r"CheXzero checkpoint .* is a directory; expected the \.pt file"):
+        convert_chexzero_checkpoint(tmp_path, tmp_path / "out")

@@ -320,6 +320,8 @@ def load_openai_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torc
         ValueError: the file is not a loadable tensor state dict (the message names the file).
     """
     path = Path(checkpoint_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"CheXzero checkpoint {path} is a directory; expected the .pt file (e.g. chexzero_best.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"CheXzero checkpoint not found: {path}")
     try:
