@@ -56,6 +56,11 @@ QFORMER_SIZE_FIELDS = (
     "num_query_tokens", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob",
 )
+DISTILLATION_EPILOG = (
+    "  --teacher_model_name_or_path DIR  the trained teacher (run_teacher.py's output_dir); required\n"
+    "  --distill_target bi, --feature_mse_weight X, --feature_cosine_weight X, --logit_kd_weight X,\n"
+    "  --kd_temperature T, --attention_alignment_weight X, --supervised_weight X, --student_text_column C\n"
+)
 StudentTextMode = Literal[read_library_constant("models/configuration_qdistill.py", "STUDENT_TEXT_MODES")]
 
 
@@ -150,15 +155,12 @@ def check_pseudo_reports(splits, column: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # 1. Parse the arguments: a single .yaml/.yml/.json config file (+ overrides), or flags.
-    extra = "  --teacher_model_name_or_path DIR  the trained teacher (run_teacher.py's output_dir); required\n"
-    extra += "  --distill_target bi, --feature_mse_weight X, --feature_cosine_weight X, --logit_kd_weight X,\n"
-    extra += "  --kd_temperature T, --attention_alignment_weight X, --supervised_weight X, --student_text_column C\n"
     model_args, data_args, training_args = parse_arguments(
         (ModelArguments, DistillationDataArguments),
         lambda: (training_arguments_class(),),
         argv,
         description=__doc__.split("\n\n")[0],
-        training_epilog=training_epilog("run_distillation.py", extra),
+        training_epilog=training_epilog("run_distillation.py", DISTILLATION_EPILOG),
     )
     if training_args.teacher_model_name_or_path is None:
         raise ValueError("--teacher_model_name_or_path is required: the folder run_teacher.py wrote")
