@@ -840,6 +840,7 @@ __all__ = [
     "CORE_COLUMNS",
     "CxrBuilderConfig",
     "DataCxr",
+    "SOURCE_MANIFEST_NAME",
     "hash_split",
     "iu_frontal_order",
     "load_cxr_dataset",

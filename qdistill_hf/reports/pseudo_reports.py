@@ -654,7 +654,8 @@ def read_medgemma_layout(out_dir: str | os.PathLike) -> dict[str, str]:
 
     Raises:
         FileNotFoundError: ``metadata.csv`` or a listed report file is missing (names the row).
-        ValueError: a row has an empty ``study_id`` (names the row).
+        ValueError: the index is malformed (empty, repeated or empty ``study_id``...), a path leaves ``out_dir`` or a
+            report is not UTF-8 (names the file and row).
     """
     out_dir = Path(out_dir)
     meta = out_dir / "metadata.csv"
