@@ -130,7 +130,8 @@ def _array_to_eight_bit(array: np.ndarray, name: str, scaling: str) -> np.ndarra
                 "(normalised pixel_values cannot be re-processed; cast 16-bit data to uint16)."
             )
         if high <= 1.0:
-            # [0, 1] intensities. A [0, 255] film whose maximum is <= 1 is black either way (<= 1/255).
+            # [0, 1] intensities. The one misread case is a [0, 255] float film whose brightest pixel is <= 1, i.e.
+            # an all-black film; pass such data as uint8 (documented in to_eight_bit_film).
             values = values * 255.0
     elif dtype.kind in "iu":
         low, high = int(array.min()), int(array.max())
@@ -174,8 +175,9 @@ def to_eight_bit_film(
     - Arrays (numpy, or torch tensors, moved to CPU): shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with C = 1 (grey),
       2 (grey + alpha), 3 (RGB) or 4 (RGBA; alpha composited on black). `uint8` as is; `uint16` (and other integer
       types holding values above 255) by [`scale_high_bit_depth`]; other integer types with values in [0, 255] as
-      8-bit; **float arrays are read as [0, 1] intensities when their maximum is <= 1, else as [0, 255]**; NaN/inf,
-      negative values or values above the range are errors.
+      8-bit; **float arrays are read as [0, 1] intensities when their maximum is <= 1, else as [0, 255]** (so a
+      [0, 255] float film whose brightest pixel is <= 1, an all-black film, would be stretched: pass it as uint8);
+      NaN/inf, negative values or values above 255 are errors.
     - Every film must have at least `min_side` pixels on its short side ([`MIN_IMAGE_SIDE`] = 16 by default).
 
     Args:
