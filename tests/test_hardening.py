@@ -262,6 +262,8 @@ def test_greyscale_2d_arrays_batches_and_integer_dtypes():
     assert reference.shape == (1, 3, 224, 224)
     for variant in (grey.astype(np.int32), grey.astype(np.int64), grey[:, :, None], grey[None], torch.from_numpy(grey)):
         torch.testing.assert_close(processor(variant)["pixel_values"], reference, rtol=0, atol=0)
+    sixteen = (np.arange(32 * 48) % 200).astype(np.uint16).reshape(32, 48)  # 16-bit data that happens to stay <= 255
+    torch.testing.assert_close(processor(sixteen.astype(">u2"))["pixel_values"], processor(sixteen)["pixel_values"])
     stacked = processor(np.stack([grey, grey]))["pixel_values"]  # a 3-D uint8 (2, H, W) is 2-channel grey+alpha
     assert stacked.shape == (1, 3, 224, 224)
     batch = processor(np.stack([grey[:, :, None]] * 2))["pixel_values"]  # a 4-D array is a batch

@@ -139,7 +139,7 @@ def _array_to_eight_bit(array: np.ndarray, name: str, scaling: str) -> np.ndarra
             raise ValueError(
                 f"{name}: integer values span [{low}, {high}]; expected [0, 255] (8-bit) or [0, {_UINT16_MAX}] (16-bit)."
             )
-        if dtype == np.uint16 or high > 255:
+        if (dtype.kind == "u" and dtype.itemsize == 2) or high > 255:  # uint16 of either byte order
             if channels != 1:
                 raise ValueError(
                     f"{name}: 16-bit data with {channels} channels is not supported; pass one grey channel."
