@@ -551,3 +551,11 @@ def test_converter_names_a_folder_given_as_checkpoint(tmp_path):
 
     with pytest.raises(IsADirectoryError, match=r"CheXzero checkpoint .* is a directory; expected the \.pt file"):
         convert_chexzero_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_folder_metadata_names_a_missing_or_file_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data folder not found: .*nope \(no such directory\)"):
+        read_folder_metadata(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"data folder .*file is a file; expected the folder holding metadata"):
+        read_folder_metadata(tmp_path / "file")

@@ -539,6 +539,8 @@ def read_folder_metadata(data_dir: str | os.PathLike, splits: Sequence[str] | No
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        if data_dir.exists():
+            raise NotADirectoryError(f"data folder {data_dir} is a file; expected the folder holding metadata.csv")
         raise FileNotFoundError(f"data folder not found: {data_dir} (no such directory)")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
