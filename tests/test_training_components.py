@@ -45,6 +45,7 @@ def test_arguments_defaults_changed(tmp_path):
         ({"kd_temperature_final": -2.0}, "kd_temperature_final"),
         ({"student_text_column": "report"}, "student_text_column"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
+        (dict(feature_mse_weight=0, feature_cosine_weight=0, logit_kd_weight=0, supervised_weight=0), "all 0"),
     ],
 )
 def test_arguments_reject_bad_values_naming_the_field(tmp_path, kwargs, field):

@@ -217,6 +217,33 @@ def test_distillation_non_finite_loss_names_step_and_studies(tmp_path, tokenizer
         trainer.train()
 
 
+def test_input_errors_name_step_and_studies_and_validation_runs_once_when_compiled(tmp_path, tokenizer):
+    student = toy_student()
+    trainer = QDistillDistillationTrainer(model=student, teacher_model=toy_teacher(), args=_args(tmp_path, max_steps=1),
+                                          processing_class=tokenizer)
+    batch = trainer.data_collator([toy_dataset(3)[i] for i in range(3)])
+    batch["labels"] = torch.tensor([0, 5, 1])  # class 5 does not exist
+    with pytest.raises(ValueError, match=r"labels.*At global step 0, studies \['s0-000', 's0-001', 's0-002'\]"):
+        trainer.compute_loss(student, dict(batch))
+    # A compiled forward skips the value checks, so the trainer calls `validate_batch` itself, once per batch.
+    # (Here the model is not really compiled, so its own eager check still runs too; the trainer's call is the one
+    # with the batch as keyword arguments.)
+    calls, original = [], student.validate_batch
+
+    def spy(*args, **kwargs):
+        if not args and "output_attentions" in kwargs:
+            calls.append(sorted(kwargs))
+        return original(*args, **kwargs)
+
+    student.validate_batch = spy
+    batch["labels"] = torch.tensor([0, 1, 1])
+    trainer.compute_loss(student, dict(batch))
+    assert calls == []
+    trainer.args.torch_compile = True
+    trainer.compute_loss(student, dict(batch))
+    assert calls == [["image_features", "labels", "output_attentions"]]
+
+
 def test_distillation_from_pixels_with_live_teacher(tmp_path, tokenizer):
     from qdistill_hf import QDistillProcessor
 
@@ -254,7 +281,7 @@ def test_compatibility_check_names_the_fix(tmp_path, tokenizer):
 def test_cached_targets_reused_and_equal_to_live_teacher(tmp_path, tokenizer):
     teacher = toy_teacher()
     dataset = toy_dataset(8)
-    collator = QDistillDataCollator(tokenizer, teacher_text_column="report")
+    collator = QDistillDataCollator(toy_tokenizer(), teacher_text_column="report")  # a fresh, never-called tokenizer
     cached = cache_teacher_targets(dataset, teacher, collator, target="bi", batch_size=3, with_attention=True,
                                    cache_dir=str(tmp_path / "targets"))
     assert {"teacher_pooled", "teacher_logits", "teacher_attention", "teacher_target"} <= set(cached.column_names)
@@ -269,7 +296,13 @@ def test_cached_targets_reused_and_equal_to_live_teacher(tmp_path, tokenizer):
     again = cache_teacher_targets(dataset, teacher, collator, target="bi", batch_size=3, with_attention=True,
                                   cache_dir=str(tmp_path / "targets"))
     assert calls == [] and again["teacher_pooled"] == cached["teacher_pooled"]
-    # Another target kind (or other weights) is a new cache entry and does run the teacher.
+    # Saving the teacher (which adds `architectures` etc. to its config) does not change the cache key, nor does the
+    # padding state a tokenizer keeps after its first call (the first cache call used a fresh tokenizer) ...
+    teacher.save_pretrained(tmp_path / "saved_teacher")
+    cache_teacher_targets(dataset, teacher, collator, target="bi", batch_size=3, with_attention=True,
+                          cache_dir=str(tmp_path / "targets"))
+    assert calls == []
+    # ... another target kind (or other weights) is a new cache entry and does run the teacher.
     cache_teacher_targets(dataset, teacher, collator, target="uni", cache_dir=str(tmp_path / "targets"))
     assert calls and len(sorted((tmp_path / "targets").glob("teacher-targets-*.arrow"))) == 2
     hook.remove()

@@ -22,6 +22,7 @@ from qdistill_hf.training import (  # noqa: E402
     QDistillDistillationTrainer,
     QDistillTeacherTrainer,
     QDistillTrainingArguments,
+    cache_teacher_targets,
     compute_auroc_metrics,
 )
 from training_toys import toy_dataset, toy_student, toy_teacher, toy_tokenizer  # noqa: E402
@@ -69,6 +70,15 @@ def main():
     gathered_all = trainer.accelerator.gather(torch.tensor([float(gathered_itc)])).tolist()
     trainer.save_model()
 
+    # Teacher targets cached under accelerate: the main process computes them first, the other one loads the file.
+    forwards = []
+    hook = teacher.register_forward_pre_hook(lambda *args: forwards.append(1))
+    cached = cache_teacher_targets(toy_dataset(16), teacher, tokenizer, target="bi",
+                                   cache_dir=str(output_dir / "teacher_targets"))
+    hook.remove()
+    report[f"cache_forwards_rank{rank}"] = len(forwards)
+    report["cache_forwards_all_ranks"] = trainer.accelerator.gather(torch.tensor([len(forwards)])).tolist()
+
     # 2. Distillation from the trained teacher (frozen, not wrapped).
     # The student carries parameters its forward never uses (an image_only student's text position embeddings; the
     # last layer's text feed-forward, skipped when only query outputs are needed), so DDP must look for unused ones.
@@ -80,11 +90,18 @@ def main():
         eval_dataset=toy_dataset(8, seed=1), processing_class=tokenizer, compute_metrics=compute_auroc_metrics,
     )
     student_trainer.train()
+    report["student_logs"] = [h for h in student_trainer.state.log_history if "loss" in h or "eval_loss" in h]
+
+    # The same distillation from the cached targets, with no teacher at all.
+    args = QDistillTrainingArguments(output_dir=str(output_dir / "student_cached"), max_steps=3, **common)
+    cached_trainer = QDistillDistillationTrainer(model=toy_student(), args=args, train_dataset=cached,
+                                                 processing_class=tokenizer)
+    cached_trainer.train()
+    report["student_cached_logs"] = [h for h in cached_trainer.state.log_history if "loss" in h]
     report["student_wrapped"] = type(student_trainer.model_wrapped).__name__
     report["distill_teacher_type"] = type(student_trainer.teacher_model).__name__
     report["distill_teacher_training"] = student_trainer.teacher_model.training
     report["distill_teacher_requires_grad"] = any(p.requires_grad for p in student_trainer.teacher_model.parameters())
-    report["student_logs"] = [h for h in student_trainer.state.log_history if "loss" in h or "eval_loss" in h]
     student_trainer.save_model()
     report["itc_gathered_all_ranks"] = gathered_all
 

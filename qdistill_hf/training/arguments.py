@@ -149,6 +149,10 @@ class QDistillTrainingArguments(TrainingArguments):
                 continue
             if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 problems.append(f"{name} must be a finite number > 0, got {value!r}")
+        weights = ("feature_mse_weight", "feature_cosine_weight", "logit_kd_weight", "attention_alignment_weight",
+                   "supervised_weight")
+        if all(isinstance(getattr(self, name), (int, float)) and getattr(self, name) == 0 for name in weights):
+            problems.append(f"{', '.join(weights)} are all 0: the student would have no loss")
         if not self.teacher_text_column:
             problems.append("teacher_text_column must name the dataset's human-report column, got an empty value")
         if self.student_text_column is not None and self.student_text_column == self.teacher_text_column:

@@ -68,6 +68,26 @@ class _QDistillTrainerMixin:
         shown = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in components.items() if v is not None)
         raise FloatingPointError(f"Non-finite loss {float(loss.detach())} at {self._step_context(study_ids)} ({shown}).")
 
+    def _forward(self, model, study_ids, **inputs):
+        """
+        `model(**inputs)`, with the model's input errors naming the step and the batch's study ids.
+
+        In eager mode the Q-DISTILL models validate every batch themselves at the start of `forward`
+        (`validate_model_inputs`). A compiled forward (`args.torch_compile`) keeps only the free shape checks, so the
+        value checks (finite films, token ids in the vocabulary, labels in range, ...) run here once per batch through
+        `model.validate_batch`.
+        """
+        try:
+            if getattr(self.args, "torch_compile", False):
+                unwrapped = self.accelerator.unwrap_model(model)
+                if hasattr(unwrapped, "validate_batch"):
+                    unwrapped.validate_batch(**inputs)
+            return model(**inputs)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} At {self._step_context(study_ids)}.") from error
+        except ValueError as error:
+            raise ValueError(f"{error} At {self._step_context(study_ids)}.") from error
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
@@ -122,10 +142,7 @@ class QDistillTeacherTrainer(_QDistillTrainerMixin, Trainer):
         for key in [k for k in inputs if k.startswith("teacher_")]:
             inputs.pop(key)
         mode = "train" if model.training else "eval"
-        try:
-            outputs = model(**inputs, return_loss=True)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{error} At {self._step_context(study_ids)}.") from error
+        outputs = self._forward(model, study_ids, **inputs, return_loss=True)
         loss = outputs.loss
         components = {"loss_itc": outputs.loss_itc, "loss_itm": outputs.loss_itm, "loss_cls": outputs.loss_cls}
         if getattr(self.args, "gather_itc_features", False) and self.accelerator.num_processes > 1:
@@ -266,21 +283,26 @@ class QDistillDistillationTrainer(_QDistillTrainerMixin, Trainer):
         teacher_inputs = {key: inputs.pop(key) for key in [k for k in inputs if k.startswith("teacher_")]}
         mode = "train" if model.training else "eval"
         need_attention = args.attention_alignment_weight > 0
-        targets = self._targets(inputs, teacher_inputs, study_ids)
+        # The teacher (live or cached) is consulted only when a term that reads its targets is weighted.
+        need_targets = need_attention or any(
+            weight > 0 for weight in (args.feature_mse_weight, args.feature_cosine_weight, args.logit_kd_weight)
+        )
+        targets = self._targets(inputs, teacher_inputs, study_ids) if need_targets else None
 
         labels = inputs.get("labels")
-        try:
-            outputs = model(**inputs, output_attentions=need_attention or None)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{error} At {self._step_context(study_ids)}.") from error
+        outputs = self._forward(model, study_ids, **inputs, output_attentions=need_attention or None)
         temperature = self.current_kd_temperature()
-        kd_mse, kd_cosine = embedding_alignment_loss(outputs.projected_output, targets["pooled"])
-        kd_logits = distillation_kl_loss(outputs.logits, targets["logits"], temperature)
-        components = {"kd_mse": kd_mse, "kd_cosine": kd_cosine, "kd_logits": kd_logits}
-        loss = args.feature_mse_weight * kd_mse + args.feature_cosine_weight * kd_cosine
-        loss = loss + args.logit_kd_weight * kd_logits
+        components = {}
+        loss = outputs.logits.new_zeros((), dtype=torch.float32)
+        if targets is not None:
+            kd_mse, kd_cosine = embedding_alignment_loss(outputs.projected_output, targets["pooled"])
+            kd_logits = distillation_kl_loss(outputs.logits, targets["logits"], temperature)
+            components.update(kd_mse=kd_mse, kd_cosine=kd_cosine, kd_logits=kd_logits)
+            loss = loss + args.feature_mse_weight * kd_mse + args.feature_cosine_weight * kd_cosine
+            loss = loss + args.logit_kd_weight * kd_logits
         if need_attention:
-            kd_attention = attention_alignment_loss(cross_attention_map(outputs.cross_attentions), targets["attention"])
+            student_map = cross_attention_map(outputs.cross_attentions)
+            kd_attention = attention_alignment_loss(student_map, targets["attention"])
             components["kd_attention"] = kd_attention
             loss = loss + args.attention_alignment_weight * kd_attention
         if labels is not None:
