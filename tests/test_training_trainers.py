@@ -269,10 +269,35 @@ def test_compatibility_check_names_the_fix(tmp_path, tokenizer):
         with pytest.raises(ValueError, match=fix):
             QDistillDistillationTrainer(model=student, teacher_model=toy_teacher(), args=args,
                                         processing_class=tokenizer)
+    from qdistill_hf import QDistillStudentModel
+
+    config = toy_student().config
+    config.vision_config.num_hidden_layers = 3
+    wider = QDistillStudentModel(config)
+    with pytest.raises(ValueError, match=r"vision encoders differ \(num_hidden_layers: student 3 vs teacher 2\)"):
+        QDistillDistillationTrainer(model=wider, teacher_model=toy_teacher(), args=args, processing_class=tokenizer)
     pseudo = toy_student(text_mode="pseudo_report")
     with pytest.raises(ValueError, match="student_text_column is None"):
         QDistillDistillationTrainer(model=pseudo, teacher_model=toy_teacher(), args=_args(tmp_path,
                                     student_text_column=None), processing_class=tokenizer)
+
+
+def test_teacher_loaded_from_a_folder_given_as_string_or_argument(tmp_path, tokenizer):
+    teacher = toy_teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    for kwargs, extra in (({"teacher_model": str(tmp_path / "teacher")}, {}),
+                          ({}, {"teacher_model_name_or_path": str(tmp_path / "teacher")})):
+        trainer = QDistillDistillationTrainer(model=toy_student(), args=_args(tmp_path, max_steps=1, **extra),
+                                              processing_class=tokenizer, **kwargs)
+        loaded = trainer.teacher_model
+        assert type(loaded) is QDistillTeacherModel and not loaded.training
+        assert all(not p.requires_grad for p in loaded.parameters())
+        assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # Without a teacher, a batch without cached targets is refused with the fix.
+    trainer = QDistillDistillationTrainer(model=toy_student(), args=_args(tmp_path, max_steps=1),
+                                          processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"No teacher model and no cached teacher targets.*s0-000"):
+        trainer.compute_loss(trainer.model, trainer.data_collator([toy_dataset(2)[i] for i in range(2)]))
 
 
 # ---- cached teacher targets ---------------------------------------------------------------------------------
