@@ -1,6 +1,5 @@
 """Training library pieces without a training loop: arguments, collator, metrics, loss definitions, teacher targets."""
 
-import math
 
 import numpy as np
 import pytest

@@ -199,10 +199,10 @@ def test_distillation_components_match_hand_computation(tmp_path, tokenizer):
     expected = 0.5 * mse + 2.0 * cosine + 3.0 * kl + 0.25 * ce
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     metrics = trainer._metrics["eval"]
-    assert metrics["kd_mse"][-1] == pytest.approx(mse.item(), rel=1e-5)
-    assert metrics["kd_cosine"][-1] == pytest.approx(cosine.item(), rel=1e-5)
-    assert metrics["kd_logits"][-1] == pytest.approx(kl.item(), rel=1e-5)
-    assert metrics["loss_supervised"][-1] == pytest.approx(ce.item(), rel=1e-5)
+    assert float(metrics["kd_mse"][-1]) == pytest.approx(mse.item(), rel=1e-5)
+    assert float(metrics["kd_cosine"][-1]) == pytest.approx(cosine.item(), rel=1e-5)
+    assert float(metrics["kd_logits"][-1]) == pytest.approx(kl.item(), rel=1e-5)
+    assert float(metrics["loss_supervised"][-1]) == pytest.approx(ce.item(), rel=1e-5)
     assert metrics["kd_temperature"][-1] == 2.5
     assert torch.equal(outputs.logits, own.logits)
 
@@ -345,8 +345,8 @@ def test_cached_targets_reused_and_equal_to_live_teacher(tmp_path, tokenizer):
     cached_loss = from_cache.compute_loss(student, cached_batch)
     assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-3)
     for name in ("kd_mse", "kd_cosine", "kd_logits", "kd_attention"):
-        assert from_cache._metrics["eval"][name][-1] == pytest.approx(live._metrics["eval"][name][-1], rel=2e-3,
-                                                                       abs=1e-6)
+        expected = float(live._metrics["eval"][name][-1])
+        assert float(from_cache._metrics["eval"][name][-1]) == pytest.approx(expected, rel=2e-3, abs=1e-6)
     # Targets of the wrong kind are refused.
     uni_args = _args(tmp_path, max_steps=1, distill_target="uni")
     uni_trainer = QDistillDistillationTrainer(model=student, args=uni_args, processing_class=tokenizer)
@@ -377,7 +377,8 @@ def test_best_checkpoint_is_chosen_by_validation_auroc(tmp_path, tokenizer):
     args = _args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                  metric_for_best_model="auroc", load_best_model_at_end=True, learning_rate=3e-4)
     trainer = QDistillDistillationTrainer(model=student, teacher_model=toy_teacher(), args=args,
-                                          train_dataset=toy_dataset(16), eval_dataset=toy_dataset(16, seed=1, signal=-1.0),
+                                          train_dataset=toy_dataset(16),
+                                          eval_dataset=toy_dataset(16, seed=1, signal=-1.0),
                                           processing_class=tokenizer, compute_metrics=compute_auroc_metrics)
     trainer.train()
     evals = [(h["step"], h["eval_auroc"]) for h in trainer.state.log_history if "eval_auroc" in h]
@@ -407,8 +408,8 @@ def _run(tmp_path, name, tokenizer, stop_at=None, resume=None):
     args = _args(tmp_path, output_dir=str(tmp_path / name), max_steps=6, save_strategy="steps", save_steps=3,
                  learning_rate=3e-3, lr_scheduler_type="linear", per_device_train_batch_size=4)
     callbacks = [_StopAt(stop_at)] if stop_at else None
-    trainer = QDistillTeacherTrainer(model=teacher, args=args, train_dataset=toy_dataset(12), processing_class=tokenizer,
-                                     callbacks=callbacks)
+    trainer = QDistillTeacherTrainer(model=teacher, args=args, train_dataset=toy_dataset(12),
+                                     processing_class=tokenizer, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

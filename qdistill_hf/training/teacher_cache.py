@@ -34,7 +34,9 @@ from .collator import QDistillDataCollator
 logger = logging.getLogger(__name__)
 
 _ARROW_DTYPES = {torch.float16: "float16", torch.float32: "float32"}
-_CONFIG_BOOKKEEPING_KEYS = ("transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype")
+_CONFIG_BOOKKEEPING_KEYS = (
+    "transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype",
+)
 
 
 def cross_attention_map(cross_attentions: tuple[torch.Tensor, ...]) -> torch.Tensor:

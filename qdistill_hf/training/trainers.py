@@ -40,18 +40,29 @@ class _QDistillTrainerMixin:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _record(self, mode: str, values: dict[str, torch.Tensor | float | None]) -> None:
+        # Detached tensors, not Python floats: no host sync per step; `log` reads them all at once.
         for name, value in values.items():
             if value is not None:
-                self._metrics[mode][name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                self._metrics[mode][name].append(value.detach() if torch.is_tensor(value) else float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """
+        Add the buffered loss components (means since the last log, `eval_`-prefixed after an evaluation) and log.
+
+        Under several processes the components are averaged over all of them with one gather, so every process must
+        call `log` at the same points, as the Trainer itself does.
+        """
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        # Sum and count per component, summed over processes (every process calls `log` at the same points).
-        sums = torch.tensor(
-            [[sum(self._metrics[mode].get(name, [])), len(self._metrics[mode].get(name, []))]
-             for name in self._metric_names],
-            dtype=torch.float64, device=self.accelerator.device,
-        )
+        device = self.accelerator.device
+        rows = []
+        for name in self._metric_names:
+            values = self._metrics[mode].get(name, [])
+            total = (
+                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]).sum()
+                if values else torch.zeros((), dtype=torch.float64, device=device)
+            )
+            rows.append(torch.stack([total, torch.tensor(float(len(values)), dtype=torch.float64, device=device)]))
+        sums = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
         if self.accelerator.num_processes > 1 and len(self._metric_names):
             sums = self.accelerator.gather(sums[None]).sum(dim=0)
         prefix = "eval_" if mode == "eval" else ""
@@ -66,7 +77,9 @@ class _QDistillTrainerMixin:
 
     def _raise_non_finite(self, loss, components: dict, study_ids) -> None:
         shown = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in components.items() if v is not None)
-        raise FloatingPointError(f"Non-finite loss {float(loss.detach())} at {self._step_context(study_ids)} ({shown}).")
+        raise FloatingPointError(
+            f"Non-finite loss {float(loss.detach())} at {self._step_context(study_ids)} ({shown})."
+        )
 
     def _forward(self, model, study_ids, **inputs):
         """
