@@ -213,3 +213,32 @@ def test_teacher_targets_bi_and_uni_are_the_teacher_outputs():
     assert not torch.allclose(uni["pooled"], bi["pooled"])
     with pytest.raises(ValueError, match="teacher_input_ids"):
         compute_teacher_targets(teacher, {"image_features": batch["image_features"]}, "bi")
+
+
+def test_collator_preprocessed_pixel_values_column():
+    dataset = toy_image_dataset(3)
+    processor = toy_image_processor()
+    pixels = processor(list(dataset["image"]), return_tensors="pt")["pixel_values"]
+    rows = [{"study_id": f"p{i}", "pixel_values": pixels[i].numpy(), "label": i % 2} for i in range(3)]
+    batch = QDistillDataCollator()(rows)
+    assert torch.equal(batch["pixel_values"], pixels) and batch["labels"].tolist() == [0, 1, 0]
+    rows[2]["pixel_values"] = np.full((3, 30, 30), np.inf, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"'pixel_values' for studies \['p2'\]"):
+        QDistillDataCollator()(rows)
+
+
+def test_teacher_targets_cached_from_films_match_the_teacher(tmp_path):
+    from qdistill_hf import QDistillProcessor
+    from qdistill_hf.training import cache_teacher_targets
+
+    teacher = toy_teacher().eval()
+    processor = QDistillProcessor(image_processor=toy_image_processor(), tokenizer=toy_tokenizer())
+    dataset = toy_image_dataset(5)
+    cached = cache_teacher_targets(dataset, teacher, processor, target="bi", batch_size=2, pooled_dtype=torch.float32,
+                                   cache_dir=str(tmp_path))
+    assert cached.features["teacher_pooled"].feature.dtype == "float32"
+    batch = QDistillDataCollator(processor, teacher_text_column="report")([dataset[i] for i in range(5)])
+    live = compute_teacher_targets(teacher, batch, "bi")
+    assert torch.allclose(torch.tensor(cached["teacher_pooled"]), live["pooled"], atol=1e-5)
+    assert torch.allclose(torch.tensor(cached["teacher_logits"]), live["logits"], atol=1e-5)
+    assert cached["teacher_target"] == ["bi"] * 5
