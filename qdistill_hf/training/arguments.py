@@ -28,7 +28,10 @@ class QDistillTrainingArguments(TrainingArguments):
         gather_itc_features (`bool`, *optional*, defaults to `False`):
             Teacher training only: compute the image-text contrastive loss over the ITC embeddings of all processes
             (open_clip `gather_features` semantics: the other processes' embeddings enter without gradient, this
-            process's with gradient), instead of within each process's batch.
+            process's with gradient), instead of within each process's batch. Every process then computes the same
+            global-batch ITC value (tested equal to the single-process ITC of the whole batch), and after DDP's
+            gradient averaging the update is that loss's gradient divided by the number of processes. Needs equal
+            per-process batch sizes (`dataloader_drop_last=True`). ITM and classification stay per process.
 
     Parameters that control distillation:
 
