@@ -327,7 +327,8 @@ def cache_features(splits, vision_model, image_processor, training_args):
     from qdistill_hf import cache_image_features
 
     if training_args.feature_cache_dir is not None:
-        # TODO(library): cache_image_features has no cache_dir; its Arrow files go beside the dataset's.
+        # cache_image_features takes no cache_dir (a library change is requested): its Arrow files go beside the
+        # dataset's, whatever feature_cache_dir says.
         logger.info("Frozen-feature cache beside the dataset's Arrow files (--cache_dir); feature_cache_dir is used "
                     "for teacher targets only.")
     cached = {}
