@@ -108,6 +108,12 @@ def test_teacher_non_finite_loss_names_step_and_studies(tmp_path, tokenizer):
         trainer.train()
 
 
+def test_gather_itc_features_needs_a_teacher(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="gather_itc_features needs a QDistillTeacherModel"):
+        QDistillTeacherTrainer(model=toy_student(), args=_args(tmp_path, gather_itc_features=True),
+                               processing_class=tokenizer)
+
+
 def test_teacher_trainer_from_pixels(tmp_path, tokenizer):
     dataset = toy_image_dataset(8)
     processor = toy_image_processor()

@@ -7,7 +7,13 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModel, PreTrainedModel, Trainer, TrainerCallback
 
-from ..models.loss_qdistill import distillation_kl_loss, embedding_alignment_loss
+from ..models.loss_qdistill import (
+    distillation_kl_loss,
+    embedding_alignment_loss,
+    image_text_contrastive_loss,
+    query_text_similarity,
+    report_positive_mask,
+)
 from .arguments import QDistillTrainingArguments
 from .collator import QDistillDataCollator
 from .teacher_cache import attention_alignment_loss, compute_teacher_targets, cross_attention_map
@@ -140,15 +146,14 @@ class QDistillTeacherTrainer(_QDistillTrainerMixin, Trainer):
         if args is None:
             args = QDistillTrainingArguments(output_dir="trainer_output")
         _check_args(args)
+        if getattr(args, "gather_itc_features", False) and not hasattr(model, "logit_scale"):
+            raise ValueError("gather_itc_features needs a QDistillTeacherModel (with its ITC `logit_scale`).")
         if data_collator is None:
             data_collator = QDistillDataCollator.for_teacher(processing_class, args)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, **kwargs)
         self._init_metrics()
         self.add_callback(ClampLogitScaleCallback())
-        if getattr(args, "gather_itc_features", False) and not hasattr(self.accelerator.unwrap_model(self.model),
-                                                                       "logit_scale"):
-            raise ValueError("gather_itc_features needs a QDistillTeacherModel.")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         study_ids = inputs.pop("study_ids", None)
@@ -172,8 +177,6 @@ class QDistillTeacherTrainer(_QDistillTrainerMixin, Trainer):
 
     def _gathered_itc(self, model, inputs, outputs):
         """ITC over all processes' embeddings (other processes' without gradient), replacing the local ITC term."""
-        from ..models.loss_qdistill import image_text_contrastive_loss, query_text_similarity, report_positive_mask
-
         teacher = self.accelerator.unwrap_model(model)
         config = teacher.config
         image_embeds, text_embeds = outputs.image_embeds, outputs.text_embeds
@@ -197,8 +200,10 @@ class QDistillTeacherTrainer(_QDistillTrainerMixin, Trainer):
                                            config.query_selection_temperature)
         logits_per_image = similarity * teacher.logit_scale.exp().float()
         loss_itc = image_text_contrastive_loss(logits_per_image, report_positive_mask(all_ids, all_mask))
+        # The model's loss holds the local ITC term (absent for a one-film batch): swap it for the global one.
         local_itc = outputs.loss_itc if outputs.loss_itc is not None else 0.0
-        loss = outputs.loss + config.itc_loss_weight * (loss_itc - local_itc)
+        base = outputs.loss if outputs.loss is not None else 0.0
+        loss = base + config.itc_loss_weight * (loss_itc - local_itc)
         return loss, loss_itc
 
 
