@@ -302,3 +302,17 @@ def test_offline_push_to_hub_fails_clearly_and_keeps_the_files(teacher_run):
     assert "HF_HUB_OFFLINE=1" in log and "Hub" in log and "someone/qdistill-student" in log
     student, _ = _assert_saved_model(out, "qdistill_student")
     assert student.config.text_mode == "image_only"
+
+
+def test_missing_pseudo_reports_are_named(examples_on_path):
+    import datasets
+
+    check = examples_on_path["run_distillation"].check_pseudo_reports
+    good = datasets.Dataset.from_dict({"study_id": ["a", "b"], "pseudo_report": ["Clear lungs.", "Effusion."]})
+    check({"train": good}, "pseudo_report")
+    holes = datasets.Dataset.from_dict({"study_id": ["a", "b", "c"], "pseudo_report": ["Clear.", None, "  "]})
+    with pytest.raises(ValueError, match=r"2 of 3 studies of the validation split have no 'pseudo_report' "
+                                         r"\(e.g. \['b', 'c'\]\); generate them with data_scripts/generate_pseudo"):
+        check({"train": good, "validation": holes}, "pseudo_report")
+    with pytest.raises(ValueError, match=r"The train split has no column 'pseudo_report'.*--pseudo_report_source"):
+        check({"train": good.remove_columns("pseudo_report")}, "pseudo_report")
