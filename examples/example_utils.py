@@ -113,9 +113,13 @@ class DataArguments:
             try:
                 self.dataset_config = json.loads(self.dataset_config)
             except json.JSONDecodeError as error:
-                raise ValueError(f"--dataset_config must be a JSON object, got {self.dataset_config!r}: {error}") from None
+                raise ValueError(
+                    f"--dataset_config must be a JSON object, got {self.dataset_config!r}: {error}"
+                ) from None
         if self.dataset_config is not None and not isinstance(self.dataset_config, dict):
-            raise ValueError(f"dataset_config must be a mapping of CxrBuilderConfig options, got {self.dataset_config!r}")
+            raise ValueError(
+                f"dataset_config must be a mapping of CxrBuilderConfig options, got {self.dataset_config!r}"
+            )
         clashes = sorted(set(self.dataset_config or {}) & {"data_dir", "label_names", "cache_dir"})
         if clashes:
             raise ValueError(

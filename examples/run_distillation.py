@@ -83,8 +83,12 @@ class ModelArguments:
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Q-Former layers (default: the config's)."})
     hidden_size: int | None = field(default=None, metadata={"help": "Q-Former width (default: the config's)."})
     num_attention_heads: int | None = field(default=None, metadata={"help": "Q-Former heads (default: the config's)."})
-    intermediate_size: int | None = field(default=None, metadata={"help": "Feed-forward width (default: the config's)."})
-    hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Q-Former dropout (default: the config's)."})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "Feed-forward width (default: the config's)."}
+    )
+    hidden_dropout_prob: float | None = field(
+        default=None, metadata={"help": "Q-Former dropout (default: the config's)."}
+    )
     attention_probs_dropout_prob: float | None = field(
         default=None, metadata={"help": "Attention dropout (default: the config's)."}
     )

@@ -72,14 +72,15 @@ class ModelArguments:
     vocab_size: int = field(default=8000, metadata={"help": "Tokenizer trained here: target vocabulary size."})
     tokenizer_min_frequency: int = field(default=2, metadata={"help": "Tokenizer trained here: minimum count."})
     model_max_length: int = field(default=256, metadata={"help": "Tokenizer trained here: longest report, in tokens."})
-    num_query_tokens: int | None = field(default=None, metadata={"help": "Learnable queries (default: QFormerConfig's, 12)."})
-    num_hidden_layers: int | None = field(default=None, metadata={"help": "Q-Former layers (default: QFormerConfig's)."})
-    hidden_size: int | None = field(default=None, metadata={"help": "Q-Former width (default: QFormerConfig's)."})
-    num_attention_heads: int | None = field(default=None, metadata={"help": "Q-Former heads (default: QFormerConfig's)."})
-    intermediate_size: int | None = field(default=None, metadata={"help": "Feed-forward width (default: QFormerConfig's)."})
-    hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Q-Former dropout (default: QFormerConfig's)."})
+    # Sizes and loss settings: `None` keeps QFormerConfig's / QDistillTeacherConfig's default.
+    num_query_tokens: int | None = field(default=None, metadata={"help": "Learnable queries (default: the config's)."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Q-Former layers (default: the config's)."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Q-Former width (default: the config's)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Q-Former heads (default: the config's)."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "Feed-forward width (default: config's)."})
+    hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Q-Former dropout (default: config's)."})
     attention_probs_dropout_prob: float | None = field(
-        default=None, metadata={"help": "Attention dropout (default: QFormerConfig's)."}
+        default=None, metadata={"help": "Attention dropout (default: the config's)."}
     )
     embed_dim: int | None = field(default=None, metadata={"help": "ITC embedding size (default: the config's)."})
     itc_loss_weight: float | None = field(default=None, metadata={"help": "ITC weight (default: the config's 0.45)."})
@@ -207,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         qformer_config=qformer_config,
         id2label=id2label,
         focal_alpha=focal_alpha,
-        **model_sizes(model_args, ("embed_dim", "itc_loss_weight", "itm_loss_weight", "cls_loss_weight", "focal_gamma")),
+        **model_sizes(
+            model_args, ("embed_dim", "itc_loss_weight", "itm_loss_weight", "cls_loss_weight", "focal_gamma")
+        ),
     )
     model = QDistillTeacherModel(config)
     model.vision_model.load_state_dict(encoder.state_dict())

@@ -32,7 +32,8 @@ KEY_OPTIONS = {
 SCRIPTS = sorted(DATA_SCRIPTS.glob("*.py")) + sorted(p for p in EXAMPLES.glob("*.py") if p.name != "example_utils.py")
 
 # Tiny model and data sizes shared by the end-to-end runs.
-TINY_DATA = ["--dataset_name", "synthetic", "--dataset_config", '{"num_train": 48, "num_validation": 16, "num_test": 16}',
+TINY_DATA = ["--dataset_name", "synthetic",
+             "--dataset_config", '{"num_train": 48, "num_validation": 16, "num_test": 16}',
              "--use_feature_cache", "true", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
              "--per_device_eval_batch_size", "32", "--logging_steps", "1", "--dataloader_pin_memory", "false",
              "--report_to", "none"]
@@ -94,7 +95,8 @@ def test_short_help_names_only_real_options(examples_on_path):
     utils = examples_on_path["example_utils"]
     for name, data_type in (("run_teacher", "DataArguments"), ("run_distillation", "DistillationDataArguments")):
         module = examples_on_path[name]
-        types = (module.ModelArguments, getattr(module, data_type, utils.DataArguments), utils.training_arguments_class())
+        data_arguments = getattr(module, data_type, utils.DataArguments)
+        types = (module.ModelArguments, data_arguments, utils.training_arguments_class())
         parser = HfArgumentParser(types)
         known = {option for action in parser._actions for option in action.option_strings}
         extra = module.__dict__.get("DISTILLATION_EPILOG", "")
@@ -206,7 +208,8 @@ def test_config_file_overrides_json_and_defaults(examples_on_path, tmp_path):
     assert from_json[0] == from_yaml[0] and from_json[1] == from_yaml[1]
     assert from_json[1].dataset_config == {"num_train": 20} and from_json[0].num_query_tokens == 6
     training = from_json[2]
-    assert (training.eval_strategy, training.save_strategy, training.metric_for_best_model) == ("epoch", "epoch", "auroc")
+    assert (training.eval_strategy, training.save_strategy) == ("epoch", "epoch")
+    assert training.metric_for_best_model == "auroc"
     assert training.load_best_model_at_end and training.save_total_limit == 2
 
     # The same through flags: dataset_config as a JSON string.
