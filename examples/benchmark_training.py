@@ -37,6 +37,7 @@ measured in the same run (bf16 on GPU, fp32 on CPU).
 """
 
 import argparse
+import ctypes
 import datetime
 import fnmatch
 import gc
@@ -300,18 +301,38 @@ def _proc_status_kb(field):
 
 
 class PeakMemory:
-    """Peak memory over a window: CUDA allocator on GPU, process resident set (VmHWM, resettable on Linux) on CPU."""
+    """
+    Memory of one variant: CUDA allocator on GPU; on CPU the process resident set (`VmRSS`, and `VmHWM`, its peak,
+    resettable on Linux). Freed heap is handed back to the OS (`malloc_trim`) before a variant, so that its baseline
+    does not carry the previous variant's freed memory.
+    """
 
     def __init__(self, device):
         self.device = device
         self.kind = None
 
+    def release(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the baseline may include freed memory
+            pass
+
+    def current_mb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        rss = _proc_status_kb("VmRSS")
+        return None if rss is None else rss / 1024
+
     def reset(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "torch.cuda.max_memory_allocated"
+            self.kind = "torch.cuda.max_memory_allocated over the timed steps"
             return
-        gc.collect()
+        self.release()  # e.g. the teacher that computed the cached targets, freed but still resident
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -354,6 +375,9 @@ def run_variant(name, args, sizes, device, steps, warmup, flops_cache):
     parts = name.split("/")
     kind, source, mode = parts[0], parts[1], parts[-1]
     dtype = autocast_dtype(args, device)
+    memory = PeakMemory(device)
+    memory.release()
+    baseline_mb = memory.current_mb()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     if kind == "teacher":
@@ -413,7 +437,6 @@ def run_variant(name, args, sizes, device, steps, warmup, flops_cache):
         result["graph_break_reasons"] = {k.strip().splitlines()[0][:200]: v for k, v in graph_break_reasons().items()}
         result["graphs"] = unique_graph_count()
 
-    memory = PeakMemory(device)
     memory.reset()
     times, loss = [], None
     for _ in range(steps):
@@ -431,6 +454,8 @@ def run_variant(name, args, sizes, device, steps, warmup, flops_cache):
         "ms_per_step_all": [round(t * 1e3, 3) for t in times],
         "images_per_s": round(info["batch_size"] / median, 2),
         "peak_memory_mb": round(memory.peak_mb(), 1),
+        "memory_before_variant_mb": None if baseline_mb is None else round(baseline_mb, 1),
+        "peak_memory_over_baseline_mb": None if baseline_mb is None else round(memory.peak_mb() - baseline_mb, 1),
         "peak_memory_kind": memory.kind,
         "final_loss": round(final_loss, 4),
     })
@@ -516,18 +541,20 @@ def ratios(results):
 
 
 def format_table(report):
-    rows = [("variant", "batch", "ms/step", "images/s", "peak MB", "GFLOP/step", "MFU", "compile s", "breaks")]
+    rows = [("variant", "batch", "ms/step", "images/s", "peak MB", "+MB", "GFLOP/step", "MFU", "compile s", "breaks")]
     skipped = []
     peak = report["matmul_peak_tflops"]
     for name, r in report["results"].items():
         if r.get("status") != "ok":
-            rows.append((name, "-", "skipped", "", "", "", "", "", ""))
+            rows.append((name, "-", "skipped", "", "", "", "", "", "", ""))
             skipped.append(f"{name} skipped: {r.get('reason', '')[:200]}")
             continue
         flops = r.get("flops_per_step")
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         rows.append((name, str(r["batch_size"]), f"{r['ms_per_step']:,.1f}", f"{r['images_per_s']:,.1f}",
-                     f"{r['peak_memory_mb']:,.0f}", f"{flops / 1e9:,.4g}" if flops is not None else "-", mfu,
+                     f"{r['peak_memory_mb']:,.0f}",
+                     "-" if r["peak_memory_over_baseline_mb"] is None else f"{r['peak_memory_over_baseline_mb']:,.0f}",
+                     f"{flops / 1e9:,.4g}" if flops is not None else "-", mfu,
                      f"{r['compile_s']:.1f}" if "compile_s" in r else "-", str(r.get("graph_breaks", "-"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
@@ -541,7 +568,8 @@ def format_table(report):
     for group, values in report["ratios"].items():
         for key, value in values.items():
             lines.append(f"{group:>26}  {key}: {value:.2f}x")
-    lines.append(f"matmul peak ({report['dtype']}): {peak:.3f} TFLOP/s; peak memory: {report['peak_memory_kind']}")
+    lines.append(f"matmul peak ({report['dtype']}): {peak:.3f} TFLOP/s; peak memory: {report['peak_memory_kind']}; "
+                 "+MB: peak minus the memory in use before the variant built its models")
     a = report["anchors"]
     lines.append(
         f"anchors (H100, AMP, measured elsewhere): original teacher {a['original_teacher_images_per_s_h100_amp']} / "
