@@ -463,15 +463,11 @@ def run_variant(name, args, sizes, device, steps, warmup, flops_cache):
     if flops is not None:
         result["flops_per_step"] = int(flops)
         result["achieved_tflops"] = round(flops / median / 1e12, 6)
-    del model, optimizer, inputs, forward_loss
     if compiled:
         from torch import _dynamo
 
         _dynamo.reset()  # drop the compiled code and the models its guards hold
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result  # the models and optimizer go with this frame; the next variant's `release` frees their memory
 
 
 def matmul_peak(device, dtype, size, repeats):
