@@ -402,3 +402,24 @@ class TestHardening:
         weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 64)
         with pytest.raises(OSError, match=re.escape(str(weights)) + r".*re-download or re-save the checkpoint"):
             QDistillStudentModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text_mode", ["image_only", "pseudo_report"])
+def test_every_trainable_student_parameter_gets_a_gradient(text_mode):
+    # DDP with find_unused_parameters=False fails on a parameter that takes no part in the loss.
+    torch.manual_seed(0)
+    model = QDistillStudentModel(student_config(text_mode=text_mode)).train()
+    pixel_values, input_ids, attention_mask, labels = report_batch()
+    kwargs = dict(pixel_values=pixel_values, labels=labels)
+    if text_mode == "pseudo_report":
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+    out = model(**kwargs)
+    (out.loss + out.projected_output.sum()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    if text_mode == "image_only":
+        assert model.qformer.position_embeddings is None and model.qformer.word_embeddings is None
+    assert not model.qformer.encoder.layer[-1].has_text_mlp
+    if text_mode == "pseudo_report":
+        with pytest.raises(ValueError, match="last_layer_text_output=False"):
+            model.qformer(input_ids=input_ids, attention_mask=attention_mask)

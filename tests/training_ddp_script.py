@@ -79,10 +79,8 @@ def main():
     report[f"cache_forwards_rank{rank}"] = len(forwards)
     report["cache_forwards_all_ranks"] = trainer.accelerator.gather(torch.tensor([len(forwards)])).tolist()
 
-    # 2. Distillation from the trained teacher (frozen, not wrapped).
-    # The student carries parameters its forward never uses (an image_only student's text position embeddings; the
-    # last layer's text feed-forward, skipped when only query outputs are needed), so DDP must look for unused ones.
-    common["ddp_find_unused_parameters"] = True
+    # 2. Distillation from the trained teacher (frozen, not wrapped); every student parameter takes part in the loss,
+    # so DDP runs with find_unused_parameters=False here too.
     args = QDistillTrainingArguments(output_dir=str(output_dir / "student"), max_steps=3, eval_strategy="steps",
                                      eval_steps=3, attention_alignment_weight=1.0, **common)
     student_trainer = QDistillDistillationTrainer(

@@ -130,6 +130,10 @@ class QFormerConfig(PreTrainedConfig):
             Width of the image features. Derived from the parent's vision config; never set it by hand.
         use_text_input (`bool`, *optional*, defaults to `True`):
             Whether the Q-Former has a text stream (word embeddings and text feed-forward blocks).
+        last_layer_text_output (`bool`, *optional*, defaults to `True`):
+            Whether the last layer computes text outputs. A model that only ever reads the queries (the student)
+            sets it to False: the last layer then has no text feed-forward block, so no parameter goes unused (DDP
+            with `find_unused_parameters=False` requires that).
 
     Example:
 
@@ -159,6 +163,7 @@ class QFormerConfig(PreTrainedConfig):
     cross_attention_frequency: int = 1
     encoder_hidden_size: int = 768
     use_text_input: bool = True
+    last_layer_text_output: bool = True
 
     def validate_architecture(self):
         """Checks run when the config is built (part of `@strict` validation)."""
@@ -347,6 +352,8 @@ class QDistillStudentConfig(PreTrainedConfig):
             self.qformer_config = {**STUDENT_QFORMER_DEFAULTS, **self.qformer_config}
         _post_init_composite(self, kwargs)
         self.qformer_config.use_text_input = self.text_mode == "pseudo_report"
+        # The student reads its queries only; its last layer needs no text feed-forward block.
+        self.qformer_config.last_layer_text_output = False
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

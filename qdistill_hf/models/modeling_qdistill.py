@@ -440,7 +440,9 @@ class QDistillQFormerLayer(GradientCheckpointingLayer):
             self.cross_attn = QDistillAttention(config, kv_hidden_size=config.encoder_hidden_size)
         self.query_mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.query_mlp = QDistillMLP(config)
-        if config.use_text_input:
+        is_last = layer_idx == config.num_hidden_layers - 1
+        self.has_text_mlp = config.use_text_input and (config.last_layer_text_output or not is_last)
+        if self.has_text_mlp:
             self.text_mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.text_mlp = QDistillMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -557,8 +559,8 @@ class QDistillPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, QDistillQFormerModel):
-            init.normal_(module.position_embeddings.weight, mean=0.0, std=std)
             if module.word_embeddings is not None:
+                init.normal_(module.position_embeddings.weight, mean=0.0, std=std)
                 init.normal_(module.word_embeddings.weight, mean=0.0, std=std)
         if isinstance(module, (QDistillTeacherModel, QDistillStudentModel)):
             # LAVIS initialises the queries with N(0, std); transformers' BLIP-2 port zero-fills them, which is only
@@ -610,7 +612,9 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
             if config.use_text_input
             else None
         )
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.use_text_input else None
+        )
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
         # The frozen encoder's features are its raw residual stream (before `post_layernorm`), whose scale is
@@ -669,6 +673,11 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if query_embeds is None and input_ids is None:
             raise ValueError("The Q-Former needs `query_embeds`, `input_ids` or both.")
+        if input_ids is not None and not (query_output_only or self.config.last_layer_text_output):
+            raise ValueError(
+                "This Q-Former was built with `last_layer_text_output=False` (it reads its queries only): "
+                "pass `query_output_only=True`."
+            )
         parts = []
         if query_embeds is not None:
             parts.append(query_embeds)
