@@ -110,9 +110,11 @@ def _load_inputs(batch, with_own_report=False):
 
 def _own_report(row):
     """The study's own report text (to exclude it from retrieval), or None for a film without one."""
+    from qdistill_hf.utils import read_text_file
+
     if row["report_file"] is None:
         return None
-    return Path(row["report_file"]).read_text(encoding="utf-8").strip()
+    return read_text_file(row["report_file"], f"study {row['study_id']}", "report", allow_empty=True)
 
 
 def build_hf_batch_fn(args: GenerateArguments, batch_size: int):

@@ -75,13 +75,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScoreArguments, RunnerArg
 
 def _read_report(row):
     """The study's report text; a missing, unreadable or empty report is that study's recorded failure."""
+    from qdistill_hf.utils import read_text_file
+
     if row["report_file"] is None:
         raise ValueError(f"metadata.csv: study {row['study_id']} has an empty report_path")
-    path = Path(row["report_file"])
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"{path}: empty report (study {row['study_id']})")
-    return text
+    return read_text_file(row["report_file"], f"study {row['study_id']}", "report")
 
 
 def build_batch_fn(args: ScoreArguments, batch_size: int):

@@ -559,3 +559,16 @@ def test_folder_metadata_names_a_missing_or_file_data_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"data folder .*file is a file; expected the folder holding metadata"):
         read_folder_metadata(tmp_path / "file")
+
+
+def test_score_priority_records_a_non_utf8_report_naming_the_file(tmp_path):
+    data = tmp_path / "data"
+    _make_folder(data, n=3, n_train=2, size=(16, 16))
+    rows = read_folder_metadata(data)
+    Path(rows[1]["report_file"]).write_bytes(b"FINDINGS: \xff\xfe broken")
+    score_priority = _load_script("score_priority")
+    score_priority.main(["--data_dir", str(data), "--rank", "0", "--world_size", "1"])
+    errors = [r for path in sorted((data / "priority_scores").rglob("errors-*.jsonl")) for r in read_jsonl(path)]
+    assert [e["study_id"] for e in errors] == [rows[1]["study_id"]]
+    message = json.dumps(errors[0])
+    assert "not valid UTF-8" in message and Path(rows[1]["report_file"]).name in message
