@@ -1,249 +1,357 @@
-"""End-to-end Q-DISTILL on the embedded synthetic films, on CPU in a couple of minutes (`make demo`).
+"""End-to-end Q-DISTILL with the Trainer subclasses, on CPU in a few minutes (`make demo`).
 
-    python examples/demo.py                                   # everything offline, writes outputs/demo/
+    python examples/demo.py                                   # embedded synthetic films, writes outputs/demo/
+    python examples/demo.py --num_train 300 --student_epochs 5  # quicker; warns when too small to learn
+    python examples/demo.py --data_dir ../shared/data/cxr-paired  # the same pipeline on a qdistill_folder dataset
     python examples/demo.py --vision_model chexzero-vit-b32   # a converted CheXzero folder as the frozen encoder
 
-Steps: draw a synthetic chest-film dataset -> train the report tokenizer on the train split -> cache the frozen
-encoder's features -> retrieve a pseudo-report for every film from the *training* films -> train the teacher on
-film + human report (ITC + ITM with hard negatives + focal) -> distil an image-only student from the frozen teacher
--> evaluate on the test split -> save both, reload the student with `AutoModel.from_pretrained` and triage films.
+Steps: prepare the data -> train the report tokenizer on the train split -> cache the frozen encoder's features ->
+train the teacher on film + human report with `QDistillTeacherTrainer` (ITC + ITM with hard negatives + focal) ->
+give every film the report of its most similar *training* film (retrieval pseudo-reports, never its own) -> distil
+two students from the frozen teacher with `QDistillDistillationTrainer` (`pseudo_report`: film + retrieved report;
+`image_only`: the film alone) -> train the same image-only student on the labels alone (same seed and steps,
+distillation weights 0) -> evaluate everything on the test split -> save the teacher and the students with their
+processor -> reload the image-only student with `AutoModel.from_pretrained` in a fresh Python process and triage a
+few test films from their pixels.
+
+Every Trainer evaluates on validation each epoch and keeps the checkpoint with the best validation AUROC
+(`metric_for_best_model="auroc"`, `load_best_model_at_end=True`); the test split is used only for the final table.
 
 Without `--vision_model` the frozen encoder is a small randomly initialised CLIP ViT with CheXzero's geometry
-(224 px, patch 32, 50 tokens): CheXzero's weights cannot be downloaded here. A random frozen encoder still carries
-the drawn findings, so every number below is about this pipeline on synthetic data, not about real radiographs.
+(224 px, patch 32, 50 tokens; `run_teacher.stand_in_encoder`): CheXzero's weights cannot be downloaded here. A random
+frozen encoder still carries the drawn findings, so the numbers are about this pipeline on synthetic data, not about
+real radiographs.
+
+`--data_dir` reads a `qdistill_folder` dataset with classes (normal, abnormal). Such a folder may have only train and
+validation splits (../shared/data/cxr-paired does): the demo then carves a test split out of validation, by patient
+(the study id up to its last `_`, e.g. `nih00000003` for `nih00000003_000`), deterministically: a patient goes to
+test when the first byte of the MD5 of its id is odd. A patient's films never straddle validation and test.
 """
 
 import argparse
+import hashlib
+import json
 import logging
+import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import datasets
-import numpy as np
-import torch
-from sklearn.metrics import roc_auc_score
-from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
-from transformers.utils import logging as hf_logging
 
-from qdistill_hf import (
-    QDistillImageProcessor,
-    QDistillProcessor,
-    QDistillStudentConfig,
-    QDistillStudentModel,
-    QDistillTeacherConfig,
-    QDistillTeacherModel,
-    build_report_tokenizer,
-    cache_image_features,
-    load_cxr_dataset,
-)
-from qdistill_hf.models.loss_qdistill import distillation_kl_loss, embedding_alignment_loss
-from qdistill_hf.reports.pseudo_reports import RetrievalPseudoReportGenerator, image_embeddings_from_features
-
+EXAMPLES_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(EXAMPLES_DIR))  # example_utils, run_teacher, run_distillation
 
 logger = logging.getLogger("qdistill_demo")
 
+ITM_CHANCE = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))  # 1 positive : 2 hard negatives -> 0.6365
+NUM_TRIAGE_FILMS = 5
+EVAL_BATCH_SIZE = 64
+TOO_SMALL_AUROC = 0.6
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# The fresh-process triage: only the saved folder, AutoModel/AutoProcessor and the PNG films written by the demo.
+TRIAGE_SCRIPT = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+from transformers.utils import logging as hf_logging
+import qdistill_hf  # registers the Q-DISTILL Auto classes
+hf_logging.disable_progress_bar()
+folder, manifest = sys.argv[1], json.load(open(sys.argv[2]))
+model = AutoModel.from_pretrained(folder).eval()
+processor = AutoProcessor.from_pretrained(folder)
+print(f"fresh process: {type(model).__name__} ({model.config.text_mode}) and {type(processor).__name__} from {folder}")
+films = [Image.open(row["path"]) for row in manifest]
+with torch.no_grad():
+    probs = model(**processor(images=films)).logits.softmax(-1)
+for row, p in zip(manifest, probs):
+    verdict = model.config.id2label[int(p.argmax())]
+    print(f"triage {row['study_id']}: {verdict:<10} p({model.config.id2label[1]})={p[1]:.2f}  "
+          f"truth={row['truth']:<10} findings={row['findings']}")
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--data_dir", default=None, help="a qdistill_folder dataset (default: synthetic films)")
     parser.add_argument("--vision_model", default=None, help="folder of a converted CheXzero CLIPVisionModel")
-    parser.add_argument("--num_train", type=int, default=1200)
-    parser.add_argument("--num_validation", type=int, default=200)
-    parser.add_argument("--num_test", type=int, default=300)
+    parser.add_argument("--num_train", type=int, default=512, help="synthetic films for training")
+    parser.add_argument("--num_validation", type=int, default=128, help="synthetic films for validation")
+    parser.add_argument("--num_test", type=int, default=256, help="synthetic films for the test table")
     parser.add_argument("--teacher_epochs", type=int, default=4)
-    parser.add_argument("--student_epochs", type=int, default=30)
+    parser.add_argument("--student_epochs", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def stand_in_encoder(seed: int) -> CLIPVisionModel:
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=224,
-        patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64,
+def patient_id(study_id: str) -> str:
+    """The patient of a study: its id up to the last `_` (`nih00000003_000` -> `nih00000003`)."""
+    return study_id.rsplit("_", 1)[0]
+
+
+def is_test_patient(patient: str) -> bool:
+    return hashlib.md5(patient.encode("utf-8")).digest()[0] % 2 == 1
+
+
+def load_data(args):
+    """train / validation / test splits: synthetic films, or a qdistill_folder (test carved from validation)."""
+    import datasets
+
+    from qdistill_hf import load_cxr_dataset
+
+    cache_dir = str(Path(args.output_dir) / "cache")
+    if args.data_dir is None:
+        return load_cxr_dataset(
+            "synthetic", cache_dir=cache_dir, num_train=args.num_train, num_validation=args.num_validation,
+            num_test=args.num_test, seed=args.seed,
+        )
+    splits = load_cxr_dataset(
+        "qdistill_folder", data_dir=args.data_dir, cache_dir=cache_dir, label_names=("normal", "abnormal")
     )
-    return CLIPVisionModel(config).eval()
+    if "test" not in splits:
+        if "validation" not in splits:
+            raise ValueError(f"{args.data_dir}: no validation split to carve a test split from ({list(splits)})")
+        validation = splits["validation"]
+        to_test = [is_test_patient(patient_id(sid)) for sid in validation["study_id"]]
+        test_rows = [i for i, t in enumerate(to_test) if t]
+        val_rows = [i for i, t in enumerate(to_test) if not t]
+        splits = datasets.DatasetDict(
+            train=splits["train"], validation=validation.select(val_rows), test=validation.select(test_rows)
+        )
+        logger.info(
+            f"{args.data_dir} has no test split: carved {len(test_rows)} of {len(validation)} validation studies "
+            f"into test, by patient (MD5 of the id before the last '_')"
+        )
+    return splits
 
 
-def batches(split, tokenizer, batch_size, shuffle, generator=None, text_column="report"):
-    """Yield model inputs from a cached split: fp16 features, dynamically padded report tokens, labels, ids."""
-    order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
-    for start in range(0, len(split), batch_size):
-        rows = split[order[start : start + batch_size].tolist()]
-        text = tokenizer(rows[text_column], padding="longest", truncation=True, return_tensors="pt")
-        yield {
-            "image_features": torch.tensor(np.asarray(rows["image_features"]), dtype=torch.float32),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "labels": torch.tensor(rows["label"]),
-            "study_ids": rows["study_id"],
-        }
+def training_args(args, output_dir: Path, epochs: int, learning_rate: float, **extra):
+    """QDistillTrainingArguments shared by every run: evaluation every epoch, best checkpoint by validation AUROC."""
+    from qdistill_hf.training import QDistillTrainingArguments
+
+    return QDistillTrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE, learning_rate=learning_rate, weight_decay=0.01,
+        lr_scheduler_type="cosine",
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="auroc",
+        save_total_limit=1, logging_strategy="epoch", seed=args.seed, dataloader_num_workers=0,
+        dataloader_pin_memory=False, report_to="none", disable_tqdm=False, **extra,
+    )
 
 
-def train_teacher(teacher, train, tokenizer, args):
-    optimizer = torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(args.seed)
-    teacher.train()
-    for epoch in range(args.teacher_epochs):
-        sums = {"loss": 0.0, "loss_itc": 0.0, "loss_itm": 0.0, "loss_cls": 0.0}
-        steps = 0
-        for batch in batches(train, tokenizer, args.batch_size, True, generator):
-            study_ids = batch.pop("study_ids")
-            try:
-                out = teacher(**batch, return_loss=True, generator=generator)
-            except FloatingPointError as error:
-                raise FloatingPointError(f"teacher epoch {epoch} step {steps}, studies {study_ids}: {error}") from error
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            teacher.clamp_logit_scale()
-            for key in sums:
-                if out[key] is not None:
-                    sums[key] += float(out[key].detach())
-            steps += 1
-        logger.info("teacher epoch %d: %s", epoch + 1, ", ".join(f"{k} {v / steps:.3f}" for k, v in sums.items()))
-    return teacher.eval()
+def best_validation(trainer) -> tuple[float | None, int | None]:
+    """The best checkpoint's validation AUROC and its epoch, from the Trainer's state."""
+    state = trainer.state
+    if state.best_metric is None:
+        return None, None
+    epoch = next((round(e["epoch"]) for e in state.log_history
+                  if e.get("eval_auroc") == state.best_metric and "epoch" in e), None)
+    return state.best_metric, epoch
 
 
-def distil_student(student, teacher, train, validation, tokenizer, args, temperature=2.0):
-    """
-    Focal loss on labels + KL to the teacher's triage logits + alignment with the teacher's pooled queries; the
-    weights of the epoch with the best validation AUROC are kept.
-    """
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    student.train()
-    best = None
-    for epoch in range(args.student_epochs):
-        total, steps = 0.0, 0
-        for batch in batches(train, tokenizer, args.batch_size, True, generator):
-            study_ids = batch.pop("study_ids")
-            with torch.no_grad():
-                target = teacher(**batch)
-            out = student(image_features=batch["image_features"], labels=batch["labels"])
-            mse, cosine = embedding_alignment_loss(out.projected_output, target.query_output_bidirectional.mean(1))
-            loss = out.loss + distillation_kl_loss(out.logits, target.logits, temperature) + mse + cosine
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"student epoch {epoch} step {steps}, studies {study_ids}: loss {loss}")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-            steps += 1
-        student.eval()
-        metrics = evaluate(validation, tokenizer, lambda b: student(image_features=b["image_features"]).logits, 256)
-        logger.info("student epoch %d: loss %.3f, validation %s", epoch + 1, total / steps, metrics)
-        if best is None or metrics["auroc"] > best[0]:
-            best = (metrics["auroc"], epoch + 1, {k: v.clone() for k, v in student.state_dict().items()})
-        student.train()
-    logger.info("student: keeping epoch %d (validation AUROC %.3f)", best[1], best[0])
-    student.load_state_dict(best[2])
-    return student.eval()
+def test_metrics(trainer, test) -> tuple[dict, "np.ndarray"]:
+    """AUROC and accuracy on the test split, plus the predicted class of every film."""
+    from qdistill_hf.training import compute_auroc_metrics
+
+    prediction = trainer.predict(test, metric_key_prefix="test")
+    metrics = compute_auroc_metrics(prediction)
+    return metrics, prediction.predictions.argmax(-1)
 
 
-@torch.no_grad()
-def evaluate(split, tokenizer, predict, batch_size):
-    probs, labels = [], []
-    for batch in batches(split, tokenizer, batch_size, False):
-        probs.append(predict(batch).softmax(-1)[:, 1])
-        labels.append(batch["labels"])
-    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    accuracy = float(((probs > 0.5) == labels).mean())
-    return {"accuracy": round(accuracy, 3), "auroc": round(float(roc_auc_score(labels, probs)), 3)}
+def warn_if_too_small(name: str, trainer, predictions, warnings: list) -> None:
+    auroc, epoch = best_validation(trainer)
+    logger.info(f"{name}: best checkpoint epoch {epoch}, validation AUROC {auroc:.3f}")
+    if auroc is not None and auroc < TOO_SMALL_AUROC:
+        warnings.append(f"{name}: validation AUROC of the best checkpoint is {auroc:.3f} < {TOO_SMALL_AUROC}: "
+                        "too small a run to learn the task (more --num_train / epochs)")
+    if len(set(predictions.tolist())) == 1:
+        warnings.append(f"{name}: predicts class {int(predictions[0])} for every test film: too small a run")
 
 
-def main():
-    args = parse_args()
+def findings_text(findings) -> str:
+    if isinstance(findings, str):
+        return findings or "-"
+    return ", ".join(findings or []) or "-"
+
+
+def save(trainer, processor, folder: Path) -> None:
+    trainer.save_model(str(folder))
+    processor.save_pretrained(str(folder))
+    logger.info(f"saved {type(trainer.model).__name__} + processor to {folder}/")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    output_dir = Path(args.output_dir)
     started = time.perf_counter()
 
-    # 1. Data: procedurally drawn films with paired reports (deterministic by seed).
-    data = load_cxr_dataset(
-        "synthetic", cache_dir=str(output_dir / "cache"), num_train=args.num_train,
-        num_validation=args.num_validation, num_test=args.num_test, seed=args.seed,
+    import datasets
+    import numpy as np
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from example_utils import cache_features
+    from qdistill_hf import (
+        QDistillImageProcessor,
+        QDistillProcessor,
+        QDistillStudentConfig,
+        QDistillStudentModel,
+        QDistillTeacherConfig,
+        QDistillTeacherModel,
+        build_report_tokenizer,
     )
-    label_names = data["train"].features["label"].names
-    logger.info("data: %s", {name: len(split) for name, split in data.items()})
+    from qdistill_hf.training import QDistillDistillationTrainer, QDistillTeacherTrainer, compute_auroc_metrics
+    from run_distillation import retrieval_pseudo_reports
+    from run_teacher import stand_in_encoder
+
+    # Trainer and datasets progress bars stay on; transformers' weight-loading/writing bars and info logs are quiet.
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
+    datasets.enable_progress_bars()
+    output_dir = Path(args.output_dir)
+    warnings: list[str] = []
+
+    # 1. Data.
+    splits = load_data(args)
+    label_names = splits["train"].features["label"].names
+    logger.info(f"data: { {name: len(split) for name, split in splits.items()} }, classes {label_names}")
 
     # 2. Processor: CXR image processor + a report tokenizer trained on the train split only.
-    tokenizer = build_report_tokenizer(data, vocab_size=2000, min_frequency=1)
+    tokenizer = build_report_tokenizer(splits, vocab_size=2000, min_frequency=1, model_max_length=128)
     processor = QDistillProcessor(image_processor=QDistillImageProcessor(), tokenizer=tokenizer)
 
-    # 3. Frozen encoder features, computed once per film and cached to Arrow.
-    encoder = CLIPVisionModel.from_pretrained(args.vision_model) if args.vision_model else stand_in_encoder(args.seed)
+    # The triage films: a few test films written as PNG, for the fresh process to read from pixels.
+    films_dir = output_dir / "triage_films"
+    films_dir.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for row in splits["test"].select(range(min(NUM_TRIAGE_FILMS, len(splits["test"])))):
+        path = films_dir / f"{row['study_id']}.png"
+        row["image"].save(path)
+        manifest.append({"study_id": row["study_id"], "path": str(path.resolve()), "truth": label_names[row["label"]],
+                         "findings": findings_text(row.get("findings"))})
+    (films_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    # 3. Frozen encoder features, computed once per film and cached to Arrow (films dropped afterwards).
+    if args.vision_model:
+        from transformers import CLIPVisionModel
+
+        encoder = CLIPVisionModel.from_pretrained(args.vision_model)
+    else:
+        encoder = stand_in_encoder(args.seed)
     encoder.eval().requires_grad_(False)
-    data = {name: cache_image_features(split, encoder, processor.image_processor) for name, split in data.items()}
+    splits = cache_features(splits, encoder, processor.image_processor, argparse.Namespace(
+        feature_cache_dir=None, per_device_eval_batch_size=EVAL_BATCH_SIZE))
+    logger.info(f"feature cache: {splits['train'].cache_files[0]['filename'] if splits['train'].cache_files else '-'}")
 
-    # 4. Pseudo-reports: each film gets the report of its most similar *training* film (never its own).
-    train_embeds = image_embeddings_from_features(np.asarray(data["train"]["image_features"], dtype=np.float32))
-    retriever = RetrievalPseudoReportGenerator(train_embeds, data["train"]["report"], data["train"]["study_id"])
-    for name, split in data.items():
-        embeds = image_embeddings_from_features(np.asarray(split["image_features"], dtype=np.float32))
-        reports = retriever.generate(embeds, split["study_id"], own_reports=split["report"])
-        data[name] = split.remove_columns("pseudo_report").add_column("pseudo_report", reports)
-
-    # 5. Teacher: film + human report.
+    # 4. Teacher: film + human report, QDistillTeacherTrainer.
+    set_seed(args.seed)
     id2label = dict(enumerate(label_names))
     vision_config = encoder.config.to_dict()
-    teacher = QDistillTeacherModel(
-        QDistillTeacherConfig(
-            vision_config=vision_config,
-            qformer_config=dict(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=256, num_query_tokens=8, max_position_embeddings=256),
-            embed_dim=64, id2label=id2label,
-        )
-    )
+    teacher = QDistillTeacherModel(QDistillTeacherConfig(
+        vision_config=vision_config,
+        qformer_config=dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            max_position_embeddings=tokenizer.model_max_length, hidden_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=256, num_query_tokens=8),
+        embed_dim=64, id2label=id2label, cls_loss_weight=0.5,
+    ))
     teacher.vision_model.load_state_dict(encoder.state_dict())
-    teacher = train_teacher(teacher, data["train"], tokenizer, args)
-
-    # 6. Student: image only, distilled from the frozen teacher.
-    student = QDistillStudentModel(
-        QDistillStudentConfig(
-            vision_config=vision_config, text_mode="image_only", teacher_hidden_size=128, id2label=id2label,
-            focal_gamma=0.0,
-            qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                num_query_tokens=8),
-        )
+    teacher_trainer = QDistillTeacherTrainer(
+        model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 5e-4,
+                                          max_grad_norm=1.0),
+        train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
+        compute_metrics=compute_auroc_metrics,
     )
-    student.vision_model.load_state_dict(encoder.state_dict())
-    student = distil_student(student, teacher, data["train"], data["validation"], tokenizer, args)
+    logger.info("training the teacher (film + human report)")
+    teacher_trainer.train()
+    teacher = teacher_trainer.model.eval()
+    validation = teacher_trainer.evaluate()
+    # ITC is over each evaluation batch: chance is the mean of ln(batch size) over the validation batches.
+    n_val, eval_batch = len(splits["validation"]), EVAL_BATCH_SIZE
+    sizes = [min(eval_batch, n_val - start) for start in range(0, n_val, eval_batch)]
+    itc_chance = sum(math.log(size) for size in sizes) / len(sizes)
+    logger.info(
+        f"teacher validation: loss_itc {validation.get('eval_loss_itc', float('nan')):.3f} (chance ln(eval batch) = "
+        f"{itc_chance:.3f}), loss_itm {validation.get('eval_loss_itm', float('nan')):.3f} (chance = entropy of its "
+        f"1:2 split = {ITM_CHANCE:.4f}), AUROC {validation['eval_auroc']:.3f}"
+    )
+    teacher_test, teacher_pred = test_metrics(teacher_trainer, splits["test"])
+    warn_if_too_small("teacher", teacher_trainer, teacher_pred, warnings)
+    save(teacher_trainer, processor, output_dir / "teacher")
 
-    # 7. Test split: the teacher reads the human report (an oracle); the student sees the film alone.
-    test = data["test"]
-    majority = max(np.mean(test["label"]), 1 - np.mean(test["label"]))
-    results = {
-        "majority class accuracy": round(float(majority), 3),
-        "teacher (film + human report)": evaluate(test, tokenizer, lambda b: teacher(
-            image_features=b["image_features"], input_ids=b["input_ids"], attention_mask=b["attention_mask"]
-        ).logits, 256),
-        "student (film only)": evaluate(test, tokenizer, lambda b: student(image_features=b["image_features"]).logits, 256),
-    }
-    for name, value in results.items():
-        logger.info("test  %-32s %s", name, value)
+    # 5. Pseudo-reports: each film gets the report of its most similar *training* film (never its own).
+    splits = retrieval_pseudo_reports(splits, "pseudo_report", "report")
 
-    # 8. Save in the Hub layout, reload with AutoModel, triage a few test films from their pixels.
-    teacher.save_pretrained(output_dir / "teacher")
-    student.save_pretrained(output_dir / "student")
-    processor.save_pretrained(output_dir / "student")
-    reloaded = AutoModel.from_pretrained(output_dir / "student")
-    raw_test = load_cxr_dataset(
-        "synthetic", cache_dir=str(output_dir / "cache"), num_train=args.num_train,
-        num_validation=args.num_validation, num_test=args.num_test, seed=args.seed,
-    )["test"].select(range(5))
-    pixel_values = processor(images=list(raw_test["image"]))["pixel_values"]
-    with torch.no_grad():
-        probs = reloaded(pixel_values=pixel_values).logits.softmax(-1)
-    for row, p in zip(raw_test, probs):
-        verdict = reloaded.config.id2label[int(p.argmax())]
-        print(f"{row['study_id']}: {verdict:<10} p(urgent)={p[1]:.2f}  truth={label_names[row['label']]:<10} "
-              f"findings={row['findings'] or 'none'}")
-    print(f"saved teacher and student to {output_dir}/ in {time.perf_counter() - started:.0f} s")
+    # 6. Students: pseudo_report and image_only distilled; image_only on labels alone (same seed and steps).
+    students = {}
+    runs = (
+        ("student_pseudo_report", "pseudo_report", {}),
+        ("student_image_only", "image_only", {}),
+        ("student_image_only_labels_only", "image_only",
+         dict(feature_mse_weight=0.0, feature_cosine_weight=0.0, logit_kd_weight=0.0, supervised_weight=1.0)),
+    )
+    for name, text_mode, weights in runs:
+        set_seed(args.seed)
+        qformer_config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                              num_query_tokens=8)
+        if text_mode == "pseudo_report":
+            qformer_config.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  max_position_embeddings=tokenizer.model_max_length)
+        student = QDistillStudentModel(QDistillStudentConfig(
+            vision_config=vision_config, qformer_config=qformer_config, text_mode=text_mode,
+            teacher_hidden_size=teacher.config.qformer_config.hidden_size, id2label=id2label,
+        ))
+        student.vision_model.load_state_dict(encoder.state_dict())
+        trainer = QDistillDistillationTrainer(
+            model=student, teacher_model=teacher,
+            args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, 1e-3,
+                               kd_temperature=2.0, **weights),
+            train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
+            compute_metrics=compute_auroc_metrics,
+        )
+        logger.info(f"training {name} ({'labels only' if weights else 'distilled from the teacher'})")
+        trainer.train()
+        metrics, predictions = test_metrics(trainer, splits["test"])
+        warn_if_too_small(name, trainer, predictions, warnings)
+        save(trainer, processor, output_dir / name)
+        students[name] = metrics
+
+    # 7. The test table.
+    test_labels = np.asarray(splits["test"]["label"])
+    majority = int(np.bincount(np.asarray(splits["train"]["label"])).argmax())
+    rows = [
+        ("teacher, film + human report", teacher_test),
+        ("student, film + pseudo-report", students["student_pseudo_report"]),
+        ("student, film only, distilled", students["student_image_only"]),
+        ("student, film only, labels only", students["student_image_only_labels_only"]),
+        (f"majority class ({label_names[majority]})",
+         {"auroc": 0.5, "accuracy": float((test_labels == majority).mean())}),
+    ]
+    table = [f"test split ({len(test_labels)} studies)                 AUROC  accuracy"]
+    table += [f"  {name:<40} {m['auroc']:.3f}  {m['accuracy']:.3f}" for name, m in rows]
+    print("\n".join(table), flush=True)
+    (output_dir / "results.json").write_text(json.dumps({name: m for name, m in rows}, indent=1))
+    for warning in warnings:
+        logger.warning(f"WARNING {warning}")
+
+    # 8. A fresh Python process reloads the image-only student with AutoModel and triages films from their pixels.
+    folder = output_dir / "student_image_only"
+    logger.info(f"fresh process: AutoModel.from_pretrained({folder}) and triage of {len(manifest)} test films")
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    subprocess.run([sys.executable, "-c", TRIAGE_SCRIPT, str(folder), str(films_dir / "manifest.json")],
+                   check=True, env=env)
+    logger.info(
+        f"artefacts in {output_dir}/: teacher/, student_pseudo_report/, student_image_only/, "
+        f"student_image_only_labels_only/ (model + processor each), results.json, triage_films/, checkpoints/, "
+        f"cache/; total {time.perf_counter() - started:.0f} s"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
