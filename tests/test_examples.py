@@ -46,7 +46,7 @@ def test_demo_runs_end_to_end_and_saves_loadable_models(tmp_path):
     film = Image.new("L", (64, 80), color=90)
     expected = {"teacher": ("QDistillTeacherModel", None),
                 "student_pseudo_report": ("QDistillStudentModel", "pseudo_report"),
-                "student_image_only": ("QDistillStudentModel", "image_only"),
+                "student": ("QDistillStudentModel", "image_only"),
                 "student_image_only_labels_only": ("QDistillStudentModel", "image_only")}
     for folder, (class_name, text_mode) in expected.items():
         model = AutoModel.from_pretrained(out / folder)
@@ -56,7 +56,7 @@ def test_demo_runs_end_to_end_and_saves_loadable_models(tmp_path):
         assert not any(p.requires_grad for p in model.vision_model.parameters())
         if text_mode is not None:
             assert model.config.text_mode == text_mode
-    student = AutoModel.from_pretrained(out / "student_image_only")
+    student = AutoModel.from_pretrained(out / "student")
     with torch.no_grad():
         probs = student(**processor(images=[film])).logits.softmax(-1)
     assert probs.shape == (1, 2) and torch.allclose(probs.sum(-1), torch.ones(1))
