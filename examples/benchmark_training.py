@@ -593,6 +593,36 @@ def main(argv=None):
     dtype = autocast_dtype(args, device)
     facts = machine_facts(device)
 
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def report_of(results, peak):
+        """The JSON report; written after every variant (`complete: false`) so an interrupted run keeps its figures."""
+        for r in results.values():
+            if "flops_per_step" in r and peak is not None:
+                r["mfu"] = round(r["flops_per_step"] / (r["ms_per_step"] / 1e3) / peak, 5)
+        kinds = sorted({r["peak_memory_kind"] for r in results.values() if "peak_memory_kind" in r})
+        return {
+            "complete": peak is not None,
+            "machine": facts,
+            "sizes": args.sizes,
+            "dtype": str(dtype).removeprefix("torch."),
+            "optimizer": "AdamW, fused" if on_gpu else "AdamW, foreach (default)",
+            "steps": steps,
+            "warmup": max(warmup, 1),
+            "batch_size_teacher": args.batch_size_teacher,
+            "batch_size_student": args.batch_size_student,
+            "compile_backend": args.compile_backend if args.compile else None,
+            "compile_mode": args.compile_mode,
+            "student_text_mode": args.student_text_mode,
+            "throughput_note": "images/s = batch / median step time at the stated batch (per-step throughput)",
+            "peak_memory_kind": "; ".join(kinds),
+            "matmul_peak_tflops": None if peak is None else round(peak / 1e12, 4),
+            "anchors": ANCHORS,
+            "results": results,
+            "ratios": ratios(results),
+        }
+
     results, flops_cache = {}, {}
     for name in names:
         logger.info("running %s", name)
@@ -603,32 +633,13 @@ def main(argv=None):
             results[name] = {"status": "skipped", "reason": str(error)}
             gc.collect()
         logger.info("%s: %s", name, {k: v for k, v in results[name].items() if k not in ("graph_break_reasons",)})
+        facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        output.write_text(json.dumps(report_of(results, None), indent=2) + "\n")
 
     peak = matmul_peak(device, dtype, 8192 if on_gpu else 1024 if args.sizes == "tiny" else 2048,
                        20 if on_gpu else 5)
     facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    for r in results.values():
-        if "flops_per_step" in r:
-            r["mfu"] = round(r["flops_per_step"] / (r["ms_per_step"] / 1e3) / peak, 5)
-    report = {
-        "machine": facts,
-        "sizes": args.sizes,
-        "dtype": str(dtype).removeprefix("torch."),
-        "optimizer": "AdamW, fused" if on_gpu else "AdamW, foreach (default)",
-        "steps": steps,
-        "warmup": max(warmup, 1),
-        "compile_backend": args.compile_backend if args.compile else None,
-        "compile_mode": args.compile_mode,
-        "student_text_mode": args.student_text_mode,
-        "throughput_note": "images/s = batch / median step time at the stated batch (per-step throughput)",
-        "peak_memory_kind": "; ".join(sorted({r["peak_memory_kind"] for r in results.values() if "peak_memory_kind" in r})),
-        "matmul_peak_tflops": round(peak / 1e12, 4),
-        "anchors": ANCHORS,
-        "results": results,
-    }
-    report["ratios"] = ratios(results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    report = report_of(results, peak)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"JSON written to {output}")

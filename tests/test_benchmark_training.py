@@ -1,4 +1,4 @@
-"""examples/benchmark_training.py: every variant runs at tiny sizes and the JSON carries the figures (no timing bars)."""
+"""examples/benchmark_training.py: every variant runs at tiny sizes and the JSON carries the figures (no timing bar)."""
 
 import importlib.util
 import json
@@ -32,7 +32,8 @@ def test_every_variant_runs_at_tiny_sizes_and_writes_the_json(bench, tmp_path, c
                 "load_average_start", "load_average_end"):
         assert machine[key] not in (None, ""), key
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
-    assert report["sizes"] == "tiny" and report["dtype"] == "float32" and report["steps"] == 2
+    assert report["complete"] and report["sizes"] == "tiny" and report["dtype"] == "float32" and report["steps"] == 2
+    assert report["batch_size_teacher"] == report["batch_size_student"] == 4
     assert report["anchors"]["goal_teacher_images_per_s_h100_cached_features"] == 4000
     assert report["anchors"]["goal_distillation_images_per_s_h100_cached_features"] == 5000
     assert report["matmul_peak_tflops"] > 0
@@ -76,7 +77,8 @@ def test_variant_filter_batch_sizes_and_bad_pattern(bench, tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="'student/\\*' matches no variant"):
         bench.select_variants(["student/*"], with_compile=True)
-    assert bench.select_variants(["teacher/*"], with_compile=False) == ["teacher/features/eager", "teacher/pixels/eager"]
+    eager_teacher = bench.select_variants(["teacher/*"], with_compile=False)
+    assert eager_teacher == ["teacher/features/eager", "teacher/pixels/eager"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--batch_size_teacher", "1"])  # ITC and ITM need a second film
 
