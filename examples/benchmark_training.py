@@ -20,7 +20,7 @@ Variants (every combination is run unless `--variants` narrows them):
 `--sizes paper` is the original's configuration: teacher batch 64, 12 queries, 4 layers, hidden 768, 12 heads;
 CheXzero ViT-B/32 geometry (224 px, patch 32 -> 50 x 768 features); student batch 32 with the package's student
 defaults (8 queries, 2 layers, hidden 384, reading a pseudo-report); reports of 48-128 tokens padded to the longest of
-the batch. `--sizes tiny` is a seconds-long smoke run of the same code.
+the batch. `--sizes tiny` is a smoke run of the same code (about 30 s with `--compile_backend eager`).
 
 GPU: bf16 autocast, fused AdamW, peak memory = `torch.cuda.max_memory_allocated` over the timed steps. CPU: fp32,
 peak memory = peak resident set size of the whole process over the timed steps (Linux `VmHWM`, reset before the
@@ -30,7 +30,7 @@ Throughput is `batch / median step time` at the stated batch. FLOPs are counted 
 step (`torch.utils.flop_counter`) and the model FLOPs utilisation (`mfu`) is taken against a dense matmul peak
 measured in the same run (bf16 on GPU, fp32 on CPU).
 
-    python examples/benchmark_training.py --sizes tiny                          # smoke run, seconds
+    python examples/benchmark_training.py --sizes tiny --compile_backend eager  # smoke run, ~30 s
     python examples/benchmark_training.py --device cuda --steps 30              # paper sizes, all variants
     python examples/benchmark_training.py --device cpu --threads 2 --batch_size_teacher 8 --batch_size_student 8 \\
         --steps 3 --warmup 1 --variants 'teacher/features/*'
