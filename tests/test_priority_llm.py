@@ -259,7 +259,7 @@ def test_score_priority_cli_empty_report_is_unscored_not_labelled(tmp_path, caps
     rows = list(csv.DictReader(open(data / "priority_scores" / "priority_metadata.csv")))
     assert [r["study_id"] for r in rows] == ["s0", "s2"]
     err = load_errors(data / "priority_scores" / "runs" / "rules")["s1"]
-    assert err["error_type"] == "ValueError" and "s1.txt: empty report" in err["message"]
+    assert err["error_type"] == "ValueError" and "report file is empty" in err["message"] and "s1.txt" in err["message"]
 
 
 def test_score_priority_cli_rules(tmp_path, capsys):
