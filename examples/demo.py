@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         qformer_config=dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             max_position_embeddings=tokenizer.model_max_length, hidden_size=128, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=256, num_query_tokens=8),
-        embed_dim=64, id2label=id2label, cls_loss_weight=0.5,
+        embed_dim=64, id2label=id2label, cls_loss_weight=0.5, pad_token_id=tokenizer.pad_token_id,
     ))
     teacher.vision_model.load_state_dict(encoder.state_dict())
     teacher_trainer = QDistillTeacherTrainer(
@@ -312,6 +312,7 @@ def main(argv=None) -> int:
         student = QDistillStudentModel(QDistillStudentConfig(
             vision_config=vision_config, qformer_config=qformer_config, text_mode=text_mode,
             teacher_hidden_size=teacher.config.qformer_config.hidden_size, id2label=id2label, focal_gamma=0.0,
+            pad_token_id=tokenizer.pad_token_id,  # the Trainer would otherwise align it and warn
         ))
         student.vision_model.load_state_dict(encoder.state_dict())
         trainer = QDistillDistillationTrainer(
