@@ -22,6 +22,7 @@ CHEXZERO_VISION_CONFIG = {
 
 ATTENTION_MODES = ("unimodal", "bidirectional")
 QUERY_SELECTION_MODES = ("softmax", "max")
+TEXT_POOLING_MODES = ("mean", "cls")
 STUDENT_TEXT_MODES = ("pseudo_report", "image_only")
 DEFAULT_TRIAGE_LABELS = {0: "non_urgent", 1: "urgent"}
 STUDENT_QFORMER_DEFAULTS = {
@@ -51,6 +52,7 @@ def _post_init_composite(config, kwargs):
     if config.id2label is not None and config.label2id is None:
         config.label2id = {name: idx for idx, name in config.id2label.items()}
     config.qformer_config.encoder_hidden_size = config.vision_config.hidden_size
+    config.qformer_config.num_image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
 
 
 def _check_model_type(cls, config_dict):
@@ -130,6 +132,15 @@ class QFormerConfig(PreTrainedConfig):
             Width of the image features. Derived from the parent's vision config; never set it by hand.
         use_text_input (`bool`, *optional*, defaults to `True`):
             Whether the Q-Former has a text stream (word embeddings and text feed-forward blocks).
+        num_image_tokens (`int`, *optional*, defaults to 50):
+            Number of frozen-encoder tokens (CLS + patches). Derived from the parent's vision config; never set it by
+            hand.
+        standardize_image_features (`bool`, *optional*, defaults to `False`):
+            Standardise the frozen encoder's tokens per (token, channel) with training-set statistics before the
+            cross-attention LayerNorm: `(x - image_feature_mean) / image_feature_std` (two buffers saved with the
+            weights). Set by `set_image_feature_statistics(...)` on the teacher or student, which fills the buffers;
+            do not set it by hand. Without it, a random or CLIP encoder's tokens are dominated by a per-position
+            component shared by every film, so the queries of different films start (and stay) nearly identical.
         last_layer_text_output (`bool`, *optional*, defaults to `True`):
             Whether the last layer computes text outputs. A model that only ever reads the queries (the student)
             sets it to False: the last layer then has no text feed-forward block, so no parameter goes unused (DDP
@@ -163,6 +174,8 @@ class QFormerConfig(PreTrainedConfig):
     cross_attention_frequency: int = 1
     encoder_hidden_size: int = 768
     use_text_input: bool = True
+    num_image_tokens: int = 50
+    standardize_image_features: bool = False
     last_layer_text_output: bool = True
 
     def validate_architecture(self):
@@ -178,6 +191,7 @@ class QFormerConfig(PreTrainedConfig):
             "num_query_tokens",
             "cross_attention_frequency",
             "encoder_hidden_size",
+            "num_image_tokens",
         )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
@@ -232,6 +246,12 @@ class QDistillTeacherConfig(PreTrainedConfig):
             `"max"` (the best query, as in BLIP-2).
         query_selection_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the `"softmax"` query selection.
+        text_pooling (`str`, *optional*, defaults to `"mean"`):
+            How the report's token outputs become its ITC embedding: `"mean"` (mean over the real tokens, padding
+            excluded) or `"cls"` (the `[CLS]` position, as BLIP-2). A from-scratch Q-Former's `[CLS]` output barely
+            depends on the report at initialisation (every report's embedding coincides, cosine 1.000), so ITC
+            starts at chance and stays there; the mean differs between reports from the first step. `"cls"` is kept
+            to reproduce earlier runs.
         itm_hard_negatives (`bool`, *optional*, defaults to `True`):
             Train ITM on ITC-similarity-weighted hard negatives (one negative report per image and one negative
             image per report). The original trained ITM on positive pairs only, which teaches nothing; setting this
@@ -266,6 +286,7 @@ class QDistillTeacherConfig(PreTrainedConfig):
     learnable_temperature: bool = True
     query_selection: str = "softmax"
     query_selection_temperature: float = 0.1
+    text_pooling: str = "mean"
     itm_hard_negatives: bool = True
     freeze_vision_encoder: bool = True
     classifier_dropout: float | int = 0.1
@@ -286,6 +307,8 @@ class QDistillTeacherConfig(PreTrainedConfig):
         self.qformer_config.validate_architecture()
         if not self.qformer_config.use_text_input:
             raise ValueError("The teacher reads reports: `qformer_config.use_text_input` must be True.")
+        if self.text_pooling not in TEXT_POOLING_MODES:
+            raise ValueError(f"`text_pooling` must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}.")
         if self.query_selection not in QUERY_SELECTION_MODES:
             raise ValueError(f"`query_selection` must be one of {QUERY_SELECTION_MODES}, got {self.query_selection!r}.")
         if self.query_selection_temperature <= 0 or self.temperature_init <= 0:

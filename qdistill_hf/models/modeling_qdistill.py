@@ -261,7 +261,7 @@ class QDistillTeacherOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, embed_dim)`): normalised ITC query
             embeddings.
         text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`, *optional*): normalised ITC report
-            embeddings (from the `[CLS]` position).
+            embeddings (pooled by `config.text_pooling`: mean over real tokens, or `[CLS]`).
         query_output_unimodal (`torch.FloatTensor` of shape `(batch_size, num_queries, hidden_size)`): queries that
             saw the image only.
         query_output_bidirectional (`torch.FloatTensor` of shape `(batch_size, num_queries, hidden_size)`,
@@ -621,9 +621,54 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         # uncontrolled (CLIP ViTs have outlier channels; the original clamped them to +-10). A learned LayerNorm
         # normalises them once before every cross-attention, as a pre-LN decoder expects a normalised memory.
         self.encoder_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
+        if config.standardize_image_features:
+            self._register_image_feature_buffers()
         self.encoder = QDistillQFormerEncoder(config)
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def _register_image_feature_buffers(self):
+        shape = (self.config.num_image_tokens, self.config.encoder_hidden_size)
+        device = self.encoder_norm.weight.device
+        self.register_buffer("image_feature_mean", torch.zeros(shape, device=device))
+        self.register_buffer("image_feature_std", torch.ones(shape, device=device))
+
+    @torch.no_grad()
+    def set_image_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor):
+        """
+        Standardise the frozen encoder's tokens from now on: `(x - mean) / std` per (token, channel), before the
+        cross-attention LayerNorm. The statistics become buffers saved with the weights, and
+        `config.standardize_image_features` becomes `True`. Compute them from the *training* films' features with
+        [`image_feature_statistics`].
+
+        Why: the raw tokens of a CLIP ViT (random or CheXzero) are dominated by a per-position component shared by
+        every film. After the per-token LayerNorm the cross-attention then reads nearly the same memory for every film,
+        so the queries (and the ITC image embeddings) of different films start identical and ITC has no gradient to
+        separate them.
+
+        Args:
+            mean (`torch.Tensor` of shape `(num_image_tokens, encoder_hidden_size)`): per-(token, channel) mean.
+            std (`torch.Tensor` of the same shape): per-(token, channel) standard deviation, every entry > 0.
+        """
+        shape = (self.config.num_image_tokens, self.config.encoder_hidden_size)
+        for name, value in (("mean", mean), ("std", std)):
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"image feature {name} has shape {tuple(value.shape)}, expected {shape} (num_image_tokens, "
+                    "encoder_hidden_size) of this model's vision encoder."
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"image feature {name} has non-finite values.")
+        if not bool((std > 0).all()):
+            raise ValueError(
+                f"image feature std has {int((std <= 0).sum())} entries <= 0; compute it with "
+                "`image_feature_statistics`, which adds a small epsilon to the variance."
+            )
+        if not self.config.standardize_image_features or not hasattr(self, "image_feature_mean"):
+            self._register_image_feature_buffers()
+            self.config.standardize_image_features = True
+        self.image_feature_mean.copy_(mean.to(self.image_feature_mean))
+        self.image_feature_std.copy_(std.to(self.image_feature_std))
 
     def get_input_embeddings(self):
         return self.word_embeddings
@@ -698,6 +743,13 @@ class QDistillQFormerModel(QDistillPreTrainedModel):
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         batch_size = hidden_states.shape[0]
         if encoder_hidden_states is not None:
+            if self.config.standardize_image_features:
+                if encoder_hidden_states.shape[1:] != self.image_feature_mean.shape:
+                    raise ValueError(
+                        f"encoder_hidden_states has {tuple(encoder_hidden_states.shape[1:])} (tokens, channels) per "
+                        f"film but the image-feature statistics are for {tuple(self.image_feature_mean.shape)}."
+                    )
+                encoder_hidden_states = (encoder_hidden_states.float() - self.image_feature_mean) / self.image_feature_std
             encoder_hidden_states = self.encoder_norm(encoder_hidden_states.to(hidden_states.dtype))
 
         mask = text_token_index = None
@@ -778,6 +830,15 @@ class _FrozenVisionMixin:
             self.config, pixel_values, input_ids, attention_mask, image_features, labels, positive_mask, check_values
         )
 
+    def set_image_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor):
+        """
+        Standardise the frozen encoder's tokens per (token, channel) before the Q-Former's cross-attention, with
+        statistics of the training films (see [`image_feature_statistics`] and
+        [`QDistillQFormerModel.set_image_feature_statistics`]). Saved with the weights; sets
+        `config.qformer_config.standardize_image_features=True`.
+        """
+        self.qformer.set_image_feature_statistics(mean, std)
+
     def get_image_features(
         self, pixel_values: torch.FloatTensor | None = None, image_features: torch.FloatTensor | None = None
     ) -> torch.FloatTensor:
@@ -835,6 +896,16 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
     def _apply_trainability(self):
         self.freeze_vision_encoder(self.config.freeze_vision_encoder)
         self.logit_scale.requires_grad_(self.config.learnable_temperature)
+
+    def pool_text(self, text_output: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        One vector per report from the text-only pass, by `config.text_pooling`: the mean over real tokens
+        (`attention_mask == 1`; padding never counts) or the `[CLS]` position.
+        """
+        if self.config.text_pooling == "cls":
+            return text_output[:, 0]
+        weights = attention_mask.to(text_output.dtype).unsqueeze(-1)
+        return (text_output * weights).sum(dim=1) / weights.sum(dim=1)
 
     def clamp_logit_scale(self):
         """Apply the one documented bound: the ITC temperature never drops below 1/100 (CLIP)."""
@@ -900,7 +971,7 @@ class QDistillTeacherModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         loss_itc = loss_itm = loss_cls = None
         if has_text:
             text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).text_output
-            text_embeds = F.normalize(self.text_projection(text_output[:, 0]), dim=-1)
+            text_embeds = F.normalize(self.text_projection(self.pool_text(text_output, attention_mask)), dim=-1)
             similarity = query_text_similarity(
                 image_embeds, text_embeds, self.config.query_selection, self.config.query_selection_temperature
             )
@@ -1097,6 +1168,39 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+@torch.no_grad()
+def image_feature_statistics(features, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per-(token, channel) mean and standard deviation of frozen-encoder tokens, for
+    `model.set_image_feature_statistics(mean, std)`. Use the training films only.
+
+    Args:
+        features (`torch.Tensor` of shape `(num_films, num_tokens, hidden)`, or an iterable of such batches):
+            cached `last_hidden_state`s (any float dtype; accumulated in float64).
+        eps (`float`, *optional*, defaults to 1e-6): added to the variance, so a channel that is constant over the
+            films gets std `sqrt(eps)` instead of 0.
+
+    Returns:
+        `(mean, std)`, float32 tensors of shape `(num_tokens, hidden)`.
+    """
+    batches = [features] if isinstance(features, torch.Tensor) else features
+    count, total, total_sq = 0, None, None
+    for batch in batches:
+        batch = torch.as_tensor(batch).to(torch.float64)
+        if batch.dim() != 3:
+            raise ValueError(f"features must be (num_films, num_tokens, hidden), got shape {tuple(batch.shape)}.")
+        if not bool(torch.isfinite(batch).all()):
+            raise ValueError("features have non-finite values.")
+        total = batch.sum(0) if total is None else total + batch.sum(0)
+        total_sq = (batch**2).sum(0) if total_sq is None else total_sq + (batch**2).sum(0)
+        count += batch.shape[0]
+    if count < 2:
+        raise ValueError(f"Need at least 2 films to estimate feature statistics, got {count}.")
+    mean = total / count
+    var = (total_sq - count * mean**2) / (count - 1)
+    return mean.float(), (var + eps).sqrt().float()
+
+
 def _weighted_sum(*terms: tuple[torch.Tensor | None, float]) -> torch.Tensor | None:
     """
     Sum of `weight * loss` over the computed components. In eager mode a non-finite total raises
@@ -1118,6 +1222,7 @@ def _weighted_sum(*terms: tuple[torch.Tensor | None, float]) -> torch.Tensor | N
 __all__ = [
     "LOGIT_SCALE_MAX",
     "build_qformer_attention_mask",
+    "image_feature_statistics",
     "eager_attention_forward",
     "validate_model_inputs",
     "QDistillPreTrainedModel",
