@@ -255,6 +255,13 @@ def main(argv=None) -> int:
     splits = cache_features(splits, encoder, processor.image_processor, argparse.Namespace(
         feature_cache_dir=None, per_device_eval_batch_size=EVAL_BATCH_SIZE))
     logger.info(f"feature cache: {splits['train'].cache_files[0]['filename'] if splits['train'].cache_files else '-'}")
+    # Per-(token, channel) statistics of the training films' tokens: both Q-Formers standardise the encoder tokens
+    # with them (without, every film's queries start identical and the teacher's ITC stays at chance).
+    from qdistill_hf.models.modeling_qdistill import image_feature_statistics
+
+    feature_statistics = image_feature_statistics(
+        splits["train"].select_columns(["image_features"]).with_format("torch")[:]["image_features"]
+    )
 
     # 4. Teacher: film + human report, QDistillTeacherTrainer.
     set_seed(args.seed)
@@ -268,6 +275,7 @@ def main(argv=None) -> int:
         embed_dim=64, id2label=id2label, cls_loss_weight=0.5, pad_token_id=tokenizer.pad_token_id,
     ))
     teacher.vision_model.load_state_dict(encoder.state_dict())
+    teacher.set_image_feature_statistics(*feature_statistics)
     teacher_trainer = QDistillTeacherTrainer(
         model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 5e-4,
                                           max_grad_norm=1.0),
@@ -315,6 +323,7 @@ def main(argv=None) -> int:
             pad_token_id=tokenizer.pad_token_id,  # the Trainer would otherwise align it and warn
         ))
         student.vision_model.load_state_dict(encoder.state_dict())
+        student.set_image_feature_statistics(*feature_statistics)
         trainer = QDistillDistillationTrainer(
             model=student, teacher_model=teacher,
             args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, 2e-3,
