@@ -131,28 +131,29 @@ def load_data(args):
     return splits
 
 
-def training_args(args, output_dir: Path, epochs: int, learning_rate: float, **extra):
-    """QDistillTrainingArguments shared by every run: evaluation every epoch, best checkpoint by validation AUROC."""
+def training_args(args, output_dir: Path, epochs: int, learning_rate: float, metric: str = "auroc", **extra):
+    """QDistillTrainingArguments shared by every run: evaluation every epoch, best checkpoint by a validation metric
+    (AUROC for the students; the teacher's own validation loss, because a teacher that reads the report reaches
+    AUROC 1.0 in its first epoch, long before its ITC alignment has moved)."""
     from qdistill_hf.training import QDistillTrainingArguments
 
     return QDistillTrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=EVAL_BATCH_SIZE, learning_rate=learning_rate, weight_decay=0.01,
         lr_scheduler_type="cosine",
-        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="auroc",
-        save_total_limit=1, logging_strategy="epoch", seed=args.seed, dataloader_num_workers=0,
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model=metric,
+        greater_is_better=metric != "loss", save_total_limit=1, logging_strategy="epoch", seed=args.seed, dataloader_num_workers=0,
         dataloader_pin_memory=False, report_to="none", disable_tqdm=False, **extra,
     )
 
 
 def best_validation(trainer) -> tuple[float | None, int | None]:
     """The best checkpoint's validation AUROC and its epoch, from the Trainer's state."""
-    state = trainer.state
+    state, key = trainer.state, "eval_" + trainer.args.metric_for_best_model
     if state.best_metric is None:
         return None, None
-    epoch = next((round(e["epoch"]) for e in state.log_history
-                  if e.get("eval_auroc") == state.best_metric and "epoch" in e), None)
-    return state.best_metric, epoch
+    best = next((e for e in state.log_history if e.get(key) == state.best_metric and "epoch" in e), None)
+    return (None, None) if best is None else (best.get("eval_auroc"), round(best["epoch"]))
 
 
 def test_metrics(trainer, test) -> tuple[dict, "np.ndarray"]:
@@ -166,7 +167,8 @@ def test_metrics(trainer, test) -> tuple[dict, "np.ndarray"]:
 
 def warn_if_too_small(name: str, trainer, predictions, warnings: list) -> None:
     auroc, epoch = best_validation(trainer)
-    logger.info(f"{name}: best checkpoint epoch {epoch}, validation AUROC {auroc:.3f}")
+    logger.info(f"{name}: best checkpoint epoch {epoch}, validation AUROC "
+                + ("n/a" if auroc is None else f"{auroc:.3f}"))
     if auroc is not None and auroc < TOO_SMALL_AUROC:
         warnings.append(f"{name}: validation AUROC of the best checkpoint is {auroc:.3f} < {TOO_SMALL_AUROC}: "
                         "too small a run to learn the task (more --num_train / epochs)")
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     teacher.set_image_feature_statistics(*feature_statistics)
     teacher_trainer = QDistillTeacherTrainer(
         model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 5e-4,
-                                          max_grad_norm=1.0),
+                                          metric="loss", max_grad_norm=1.0),
         train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
         compute_metrics=compute_auroc_metrics,
     )
