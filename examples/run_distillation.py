@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = QDistillStudentModel(config)
     model.vision_model.load_state_dict(teacher.vision_model.state_dict())
+    if teacher.config.qformer_config.standardize_image_features:
+        # The same training-film statistics as the teacher, so both read the same standardised tokens.
+        model.set_image_feature_statistics(teacher.qformer.image_feature_mean, teacher.qformer.image_feature_std)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"Student ({model_args.text_mode}): {trainable:,} trainable parameters (vision encoder frozen)")
 

@@ -215,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     model = QDistillTeacherModel(config)
     model.vision_model.load_state_dict(encoder.state_dict())
     del encoder
+    if "image_features" in splits["train"].column_names:
+        # Standardise the encoder tokens with the training films' statistics: without it every film's queries start
+        # identical and ITC stays at chance (see `set_image_feature_statistics`).
+        from qdistill_hf.models.modeling_qdistill import image_feature_statistics
+
+        features = splits["train"].select_columns(["image_features"]).with_format("torch")[:]["image_features"]
+        model.set_image_feature_statistics(*image_feature_statistics(features))
+        logger.info("Encoder tokens standardised with the training films' per-(token, channel) statistics")
+    else:
+        logger.warning("No feature cache: the encoder tokens are not standardised (pass --use_feature_cache true "
+                       "to compute their training-set statistics); ITC may stay near chance.")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"Teacher: {trainable:,} trainable parameters (vision encoder frozen), torch {torch.__version__}")
 

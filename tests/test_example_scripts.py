@@ -272,6 +272,7 @@ def test_run_teacher_end_to_end(teacher_run):
     assert teacher.config.qformer_config.num_query_tokens == 4 and teacher.config.qformer_config.hidden_size == 32
     assert teacher.config.qformer_config.vocab_size == len(processor.tokenizer) <= 300
     assert teacher.config.vision_config.hidden_size == 128  # the random stand-in encoder
+    assert teacher.config.qformer_config.standardize_image_features  # training-film token statistics
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["eval_samples"] == 16 and 0.0 <= eval_results["eval_auroc"] <= 1.0
     assert json.loads((out / "test_results.json").read_text())["test_samples"] == 16
@@ -287,6 +288,9 @@ def test_run_distillation_end_to_end_with_retrieved_pseudo_reports(teacher_run):
           "--teacher_model_name_or_path", teacher_dir, "--output_dir", out, "--text_mode", "pseudo_report",
           "--pseudo_report_source", "retrieval", "--hidden_size", "16"], cwd=root)
     student, processor = _assert_saved_model(out, "qdistill_student")
+    teacher_model = _assert_saved_model(teacher_dir, "qdistill_teacher")[0]
+    assert student.config.qformer_config.standardize_image_features
+    assert (student.qformer.image_feature_mean == teacher_model.qformer.image_feature_mean).all()
     teacher_config = json.loads((teacher_dir / "config.json").read_text())
     assert student.config.text_mode == "pseudo_report" and student.config.qformer_config.hidden_size == 16
     assert student.config.teacher_hidden_size == teacher_config["qformer_config"]["hidden_size"] == 32
