@@ -182,6 +182,38 @@ def findings_text(findings) -> str:
     return ", ".join(findings or []) or "-"
 
 
+def report_recall_at_5(teacher, split, collator, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float, int]:
+    """
+    Image->report recall@5 of the teacher's ITC embeddings over the split's *distinct* report texts: each film ranks
+    every distinct report with the similarity its ITC loss uses (the paired report never chooses the queries); a hit
+    is its own report text in the top 5. Returns `(recall, chance = 5 / distinct, distinct)`.
+    """
+    import torch
+
+    from qdistill_hf.models.loss_qdistill import query_text_similarity
+
+    rows = split.select_columns([c for c in ("image_features", "report", "study_id", "label") if c in split.column_names])
+    images, texts = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            out = teacher(image_features=batch["image_features"].to(teacher.device),
+                          input_ids=batch["input_ids"].to(teacher.device),
+                          attention_mask=batch["attention_mask"].to(teacher.device))
+            images.append(out.image_embeds)
+            texts.append(out.text_embeds)
+    images, texts = torch.cat(images), torch.cat(texts)
+    reports = list(rows["report"])
+    distinct = sorted(set(reports))
+    first = [reports.index(text) for text in distinct]
+    own = torch.tensor([distinct.index(text) for text in reports], device=images.device)
+    similarity = query_text_similarity(images, texts[first], teacher.config.query_selection,
+                                       teacher.config.query_selection_temperature)
+    k = min(5, len(distinct))
+    recall = float((similarity.topk(k, dim=1).indices == own[:, None]).any(dim=1).float().mean())
+    return recall, k / len(distinct), len(distinct)
+
+
 def save(trainer, processor, folder: Path) -> None:
     trainer.save_model(str(folder))
     processor.save_pretrained(str(folder))
@@ -297,6 +329,10 @@ def main(argv=None) -> int:
         f"{itc_chance:.3f}), loss_itm {validation.get('eval_loss_itm', float('nan')):.3f} (chance = entropy of its "
         f"1:2 split = {ITM_CHANCE:.4f}), AUROC {validation['eval_auroc']:.3f}"
     )
+    if "image_features" in splits["validation"].column_names:
+        recall, recall_chance, distinct = report_recall_at_5(teacher, splits["validation"], teacher_trainer.data_collator)
+        logger.info(f"teacher validation image->report recall@5 over {distinct} distinct reports: {recall:.3f} "
+                    f"(chance {recall_chance:.3f})")
     teacher_test, teacher_pred = test_metrics(teacher_trainer, splits["test"])
     warn_if_too_small("teacher", teacher_trainer, teacher_pred, warnings)
     save(teacher_trainer, processor, output_dir / "teacher")

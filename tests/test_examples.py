@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_demo_runs_end_to_end_and_saves_loadable_models(tmp_path):
                 "student, film only, labels only", "majority class"):
         assert row in result.stdout, row
     assert "loss_itc" in result.stderr and "0.6365" in result.stderr
+    assert re.search(r"recall@5 over \d+ distinct reports: [01]\.\d{3} \(chance [01]\.\d{3}\)", result.stderr)
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 5 and all(0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0 for m in results.values())
 
