@@ -140,10 +140,9 @@ def training_args(args, output_dir: Path, epochs: int, learning_rate: float, met
     return QDistillTrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=EVAL_BATCH_SIZE, learning_rate=learning_rate, weight_decay=0.01,
-        lr_scheduler_type="cosine",
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model=metric,
         greater_is_better=metric != "loss", save_total_limit=1, logging_strategy="epoch", seed=args.seed, dataloader_num_workers=0,
-        dataloader_pin_memory=False, report_to="none", disable_tqdm=False, **extra,
+        dataloader_pin_memory=False, report_to="none", disable_tqdm=False, **{"lr_scheduler_type": "cosine", **extra},
     )
 
 
@@ -306,13 +305,14 @@ def main(argv=None) -> int:
         qformer_config=dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             max_position_embeddings=tokenizer.model_max_length, hidden_size=128, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=256, num_query_tokens=8),
-        embed_dim=64, id2label=id2label, cls_loss_weight=0.5, pad_token_id=tokenizer.pad_token_id,
+        embed_dim=64, id2label=id2label, pad_token_id=tokenizer.pad_token_id,
     ))
     teacher.vision_model.load_state_dict(encoder.state_dict())
     teacher.set_image_feature_statistics(*feature_statistics)
     teacher_trainer = QDistillTeacherTrainer(
-        model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 5e-4,
-                                          metric="loss", max_grad_norm=1.0),
+        model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 1e-3,
+                                          metric="loss", max_grad_norm=1.0,
+                                          lr_scheduler_type="constant"),
         train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
         compute_metrics=compute_auroc_metrics,
     )
