@@ -14,8 +14,9 @@ distillation weights 0) -> evaluate everything on the test split -> save the tea
 processor -> reload the image-only student with `AutoModel.from_pretrained` in a fresh Python process and triage a
 few test films from their pixels.
 
-Every Trainer evaluates on validation each epoch and keeps the checkpoint with the best validation AUROC
-(`metric_for_best_model="auroc"`, `load_best_model_at_end=True`); the test split is used only for the final table.
+Every Trainer evaluates on validation each epoch and keeps its best checkpoint by a validation metric
+(`load_best_model_at_end=True`): AUROC for the students, the validation loss for the teacher (whose AUROC from reading
+the report is 1.0 from the first epoch); the test split is used only for the final table.
 
 Without `--vision_model` the frozen encoder is a small randomly initialised CLIP ViT with CheXzero's geometry
 (224 px, patch 32, 50 tokens; `run_teacher.stand_in_encoder`): CheXzero's weights cannot be downloaded here. A random
