@@ -94,3 +94,41 @@ def test_a_config_dict_of_another_model_type_is_refused_naming_both_types():
         QDistillStudentConfig.from_dict(teacher_dict)
     with pytest.raises(ValueError, match="model_type `bert`, but QDistillTeacherConfig"):
         QDistillTeacherConfig.from_dict({**teacher_dict, "model_type": "bert"})
+
+
+def test_calibration_fields_round_trip_and_drive_decisions(tmp_path):
+    import torch
+
+    from qdistill_hf import QDistillStudentModel
+    from tiny_models import student_config
+
+    config = student_config(text_mode="image_only")
+    config.calibration_temperature = 2.0
+    config.decision_threshold = 0.3
+    config.decision_rule = "sensitivity >= 0.90 on validation (n=10)"
+    model = QDistillStudentModel(config)
+    model.save_pretrained(tmp_path)
+    loaded = QDistillStudentModel.from_pretrained(tmp_path)
+    assert loaded.config.calibration_temperature == 2.0
+    assert loaded.config.decision_threshold == 0.3
+    assert loaded.config.decision_rule == config.decision_rule
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, -1.0]])
+    probs = loaded.triage_probabilities(logits)
+    # softmax(logits / 2): p(class 1) = sigmoid((l1 - l0) / 2)
+    expected = torch.sigmoid(torch.tensor([1.0, -0.5, -0.5]))
+    torch.testing.assert_close(probs[:, 1], expected)
+    # threshold 0.3: sigmoid(-0.5) = 0.378 >= 0.3 -> urgent, although argmax says class 0
+    assert loaded.triage_decisions(probs).tolist() == [1, 1, 1]
+    loaded.config.decision_threshold = None
+    assert loaded.triage_decisions(probs).tolist() == [1, 0, 0]
+
+
+def test_calibration_fields_are_checked():
+    import pytest
+
+    from tiny_models import student_config
+
+    with pytest.raises(StrictDataclassClassValidationError, match="calibration_temperature"):
+        student_config(calibration_temperature=0.0)
+    with pytest.raises(StrictDataclassClassValidationError, match="decision_threshold"):
+        student_config(decision_threshold=1.5)

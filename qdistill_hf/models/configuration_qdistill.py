@@ -74,6 +74,16 @@ def _check_positive_ints(config, *names):
 
 
 def _check_labels_and_alpha(config):
+    if not config.calibration_temperature > 0:
+        raise ValueError(f"`calibration_temperature` must be > 0, got {config.calibration_temperature}.")
+    if config.decision_threshold is not None:
+        if config.num_labels != 2:
+            raise ValueError(
+                f"`decision_threshold` applies to binary triage only; this config has {config.num_labels} labels. "
+                "Set it to None (argmax)."
+            )
+        if not 0.0 < config.decision_threshold < 1.0:
+            raise ValueError(f"`decision_threshold` must lie in (0, 1), got {config.decision_threshold}.")
     if config.focal_gamma < 0:
         raise ValueError(f"`focal_gamma` must be >= 0, got {config.focal_gamma}.")
     if config.focal_alpha is not None:
@@ -260,6 +270,14 @@ class QDistillTeacherConfig(PreTrainedConfig):
             Keep the vision encoder frozen (no gradients, always in eval mode).
         classifier_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before the classification head.
+        calibration_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature scaling of the triage logits, `softmax(logits / calibration_temperature)`, fitted on the
+            validation split by the evaluation tools (`qdistill_hf.evaluation`); 1.0 means uncalibrated.
+        decision_threshold (`float`, *optional*):
+            Operating threshold on the calibrated probability of the last class (`"urgent"`) for binary triage,
+            chosen on the validation split (e.g. the one reaching 90% sensitivity). `None` means argmax, i.e. 0.5.
+        decision_rule (`str`, *optional*):
+            How `decision_threshold` was chosen (rule, split and number of studies), for the model card and users.
 
     Example:
 
@@ -291,6 +309,9 @@ class QDistillTeacherConfig(PreTrainedConfig):
     freeze_vision_encoder: bool = True
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
+    calibration_temperature: float | int = 1.0
+    decision_threshold: float | None = None
+    decision_rule: str | None = None
 
     def __post_init__(self, **kwargs):
         _post_init_composite(self, kwargs)
@@ -351,6 +372,14 @@ class QDistillStudentConfig(PreTrainedConfig):
             Keep the vision encoder frozen.
         classifier_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before the classification head.
+        calibration_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature scaling of the triage logits, `softmax(logits / calibration_temperature)`, fitted on the
+            validation split by the evaluation tools (`qdistill_hf.evaluation`); 1.0 means uncalibrated.
+        decision_threshold (`float`, *optional*):
+            Operating threshold on the calibrated probability of the last class (`"urgent"`) for binary triage,
+            chosen on the validation split (e.g. the one reaching 90% sensitivity). `None` means argmax, i.e. 0.5.
+        decision_rule (`str`, *optional*):
+            How `decision_threshold` was chosen (rule, split and number of studies), for the model card and users.
     """
 
     model_type = "qdistill_student"
@@ -365,6 +394,9 @@ class QDistillStudentConfig(PreTrainedConfig):
     freeze_vision_encoder: bool = True
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
+    calibration_temperature: float | int = 1.0
+    decision_threshold: float | None = None
+    decision_rule: str | None = None
 
     def __post_init__(self, **kwargs):
         # A partial dict (typically just `vocab_size`) is completed from the student's sizes, not from

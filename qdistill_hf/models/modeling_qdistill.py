@@ -569,6 +569,37 @@ class QDistillPreTrainedModel(PreTrainedModel):
         if isinstance(module, QDistillTeacherModel):
             init.constant_(module.logit_scale, math.log(1 / module.config.temperature_init))
 
+    def triage_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """
+        Calibrated class probabilities, `softmax(logits / config.calibration_temperature)`.
+
+        The temperature is fitted on the validation split (`qdistill_hf.evaluation.fit_temperature`) and saved in the
+        config, so a loaded model and the pipelines give the same calibrated probabilities.
+
+        Args:
+            logits (`torch.Tensor` of shape `(batch_size, num_labels)`): triage logits of this model.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_labels)`.
+        """
+        return torch.softmax(logits.float() / float(self.config.calibration_temperature), dim=-1)
+
+    def triage_decisions(self, probabilities: torch.Tensor) -> torch.LongTensor:
+        """
+        Class ids at the stored operating point: for binary triage, class 1 when its calibrated probability reaches
+        `config.decision_threshold`; argmax when no threshold is stored (or for more than two classes).
+
+        Args:
+            probabilities (`torch.Tensor` of shape `(batch_size, num_labels)`): from `triage_probabilities`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size,)`.
+        """
+        threshold = self.config.decision_threshold
+        if threshold is None or probabilities.shape[-1] != 2:
+            return probabilities.argmax(dim=-1)
+        return (probabilities[..., 1] >= threshold).long()
+
     def _focal_alpha(self, logits: torch.Tensor) -> torch.Tensor | None:
         alpha = getattr(self.config, "focal_alpha", None)
         return None if alpha is None else torch.tensor(alpha, dtype=torch.float32, device=logits.device)
