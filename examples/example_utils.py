@@ -11,6 +11,8 @@ parsed, so that `--help` answers at once. What lives here:
 - `setup_logging`, `load_splits`, `cache_features`: the first steps of both scripts;
 - `TRAINING_DEFAULTS`: where the scripts' defaults differ from `QDistillTrainingArguments`' (evaluation and saving
   every epoch, best model by validation AUROC);
+- `save_predictions` / `load_predictions`: one model's logits on one split as `predictions_<split>.npz` (study_ids,
+  labels, logits), written by the training scripts and the demo, read by `evaluate_triage.py`;
 - `finish`: save, log and save metrics, then push to the Hub (guarded: offline it fails with a clear message and
   leaves the local files intact) or write a model card.
 """
@@ -418,6 +420,74 @@ def disable_trainer_push(training_args) -> bool:
     return asked
 
 
+PREDICTIONS_KEYS = ("study_ids", "labels", "logits")
+
+
+def predictions_path(folder: str | Path, split: str) -> Path:
+    """`folder/predictions_<split>.npz`, the file `save_predictions` writes and `evaluate_triage.py` reads."""
+    return Path(folder) / f"predictions_{split}.npz"
+
+
+def save_predictions(folder: str | Path, split: str, study_ids: Sequence[str], labels, logits) -> Path:
+    """Write one model's predictions on one split as `folder/predictions_<split>.npz`.
+
+    The file holds `study_ids` (str, `(n,)`), `labels` (int64 class ids, `(n,)`) and `logits` (float32 raw triage
+    logits, `(n, num_labels)`, before any temperature), the input of `examples/evaluate_triage.py`.
+
+    Raises:
+        ValueError: lengths disagree, logits are not 2-D or not finite, or study ids repeat (naming the split).
+    """
+    import numpy as np
+
+    study_ids = np.asarray([str(s) for s in study_ids])
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or not (len(study_ids) == len(labels) == logits.shape[0]):
+        raise ValueError(
+            f"predictions of split {split!r}: expected study_ids (n,), labels (n,) and logits (n, num_labels), got "
+            f"{study_ids.shape}, {labels.shape} and {logits.shape}"
+        )
+    if not np.isfinite(logits).all():
+        bad = study_ids[~np.isfinite(logits).all(axis=1)]
+        raise ValueError(f"predictions of split {split!r}: non-finite logits for {len(bad)} studies, e.g. {bad[:5]}")
+    if len(set(study_ids.tolist())) != len(study_ids):
+        raise ValueError(f"predictions of split {split!r}: repeated study ids")
+    path = predictions_path(folder, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, study_ids=study_ids, labels=labels, logits=logits)
+    return path
+
+
+def load_predictions(path: str | Path) -> dict:
+    """Read a `predictions_<split>.npz` written by `save_predictions`.
+
+    Returns:
+        `dict` with `study_ids`, `labels` (int64) and `logits` (float64).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a key is missing or the shapes disagree (naming the file).
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no predictions file (written by example_utils.save_predictions)")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [key for key in PREDICTIONS_KEYS if key not in data.files]
+        if missing:
+            raise ValueError(f"{path}: missing {missing} (has {sorted(data.files)}; expected {list(PREDICTIONS_KEYS)})")
+        out = {"study_ids": data["study_ids"].astype(str), "labels": data["labels"].astype(np.int64),
+               "logits": data["logits"].astype(np.float64)}
+    n = len(out["study_ids"])
+    if out["logits"].ndim != 2 or out["labels"].shape != (n,) or out["logits"].shape[0] != n:
+        raise ValueError(
+            f"{path}: expected study_ids (n,), labels (n,) and logits (n, num_labels), got {out['study_ids'].shape}, "
+            f"{out['labels'].shape} and {out['logits'].shape}"
+        )
+    return out
+
+
 def model_sizes(model_args, names: Sequence[str]) -> dict:
     """The `names` fields of `model_args` that were given (not `None`), as config keyword arguments."""
     return {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
@@ -432,10 +502,14 @@ __all__ = [
     "disable_trainer_push",
     "finish",
     "hub_offline",
+    "load_predictions",
     "load_splits",
     "model_sizes",
     "parse_arguments",
+    "predictions_path",
+    "PREDICTIONS_KEYS",
     "read_library_constant",
+    "save_predictions",
     "setup_logging",
     "TRAINING_DEFAULTS",
     "training_arguments_class",
