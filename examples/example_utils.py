@@ -152,6 +152,7 @@ def parse_arguments(
     argv: Sequence[str] | None,
     description: str,
     training_epilog: str,
+    training_defaults: dict | None = None,
 ) -> tuple:
     """Parse the command line into the script's dataclasses followed by the training-arguments dataclass(es).
 
@@ -169,6 +170,8 @@ def parse_arguments(
         argv (`Sequence[str]`, *optional*): the arguments; `None` reads `sys.argv[1:]`.
         description (`str`): the parser's description.
         training_epilog (`str`): text after the script's options in `--help`.
+        training_defaults (`dict`, *optional*): the training defaults of this script, instead of
+            `TRAINING_DEFAULTS` (e.g. a script without triage logits chooses its checkpoint by `loss`).
 
     Returns:
         `tuple`: one instance per dataclass, `script_types` first.
@@ -182,13 +185,14 @@ def parse_arguments(
         parser.parse_args(argv)  # prints the help and exits
     dataclass_types = (*script_types, *training_types())
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    defaults = TRAINING_DEFAULTS if training_defaults is None else training_defaults
+    parser.set_defaults(**defaults)
     if HELP_ALL_FLAG in argv:
         parser.print_help()
         raise SystemExit(0)
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         config_file, overrides = argv[0], argv[1:]
-        values = {**TRAINING_DEFAULTS, **_read_config_file(config_file)}
+        values = {**defaults, **_read_config_file(config_file)}
         if overrides:
             values.update(_parse_overrides(dataclass_types, overrides))
         return parser.parse_dict(values)
