@@ -1,0 +1,354 @@
+"""A small web demo: upload a chest film, see the student's triage, its calibrated probability and its attention map.
+
+    pip install -e ".[app]"
+    python examples/app.py                                   # the image-only student that `make demo` writes
+    python examples/app.py --model path/to/student --port 7860
+
+Then open http://127.0.0.1:7860 in a browser on the same machine. The app binds 127.0.0.1 only and talks to nothing
+outside it: no share link, no analytics, no web fonts (system fonts), no server-side rendering process.
+
+What the page shows for one uploaded film (PNG, JPEG, or DICOM when `qdistill_hf.data.dicom` is installed):
+
+- the triage label at the model's stored operating point (`config.decision_threshold`, argmax when none is stored);
+- the calibrated probability of `urgent` (`softmax(logits / config.calibration_temperature)`) on a bar with the
+  operating threshold marked, and where that threshold came from (`config.decision_rule`);
+- the attention map of the student's queries over the film.
+
+The triage itself is the `cxr-triage` pipeline's (`qdistill_hf/models/pipeline_qdistill.py`); this file only reads
+the film and lays out the page. Research demo only: not a medical device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+# Before gradio is imported: no usage analytics, no version check, no telemetry, Hub offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("qdistill_app")
+
+DEFAULT_MODEL = "outputs/demo/student"
+FILM_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+RESULT_ID = "triage-result"
+VERDICT_ID = "triage-verdict"
+ATTENTION_ID = "attention-map"
+FILM_INPUT_ID = "film-upload"
+
+CSS = """
+#triage-result .qd-card {border: 1px solid #c9ced6; border-radius: 8px; padding: 14px 16px; background: #fff;}
+#triage-result .qd-verdict {font-size: 2.0rem; font-weight: 700; letter-spacing: .04em; margin: 0 0 6px 0;}
+#triage-result .qd-urgent .qd-verdict {color: #b3261e;}
+#triage-result .qd-routine .qd-verdict {color: #1e6b3a;}
+#triage-result .qd-line {font-size: 1.05rem; margin: 4px 0; color: #1f2328;}
+#triage-result .qd-small {font-size: .9rem; color: #4a525c; margin: 4px 0;}
+#triage-result .qd-bar {position: relative; height: 22px; background: #eceff3; border-radius: 4px; margin: 12px 0 30px 0;}
+#triage-result .qd-fill {position: absolute; left: 0; top: 0; bottom: 0; border-radius: 4px;}
+#triage-result .qd-urgent .qd-fill {background: #d9534f;}
+#triage-result .qd-routine .qd-fill {background: #4c9a6a;}
+#triage-result .qd-mark {position: absolute; top: -4px; bottom: -4px; width: 3px; background: #1f2328;}
+#triage-result .qd-mark span {position: absolute; top: 30px; left: -60px; width: 120px; text-align: center;
+  font-size: .8rem; color: #1f2328; white-space: nowrap;}
+#triage-result .qd-scale {position: absolute; top: 26px; font-size: .75rem; color: #4a525c;}
+#triage-result table {border-collapse: collapse; margin-top: 6px; font-size: .9rem; border: none;}
+#triage-result td, #triage-result th {padding: 2px 14px 2px 0; text-align: left; border: none;
+  border-bottom: 1px solid #e3e6ea; background: transparent;}
+#triage-result .qd-empty {color: #4a525c; font-size: 1rem;}
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a film
+# --------------------------------------------------------------------------------------------------------------------
+def _dicom_reader() -> Callable[[str], Any] | None:
+    """`qdistill_hf.data.dicom.read_dicom_film` when that module (and pydicom) is installed, else None."""
+    try:
+        from qdistill_hf.data.dicom import read_dicom_film
+    except ImportError:
+        return None
+    return read_dicom_film
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def accepted_suffixes() -> list[str]:
+    """The file types the upload box accepts: PNG/JPEG always, DICOM when a DICOM reader is installed."""
+    return list(FILM_SUFFIXES) + (list(DICOM_SUFFIXES) if _dicom_reader() is not None else [])
+
+
+def read_film(path: str | os.PathLike):
+    """Open an uploaded film as a PIL image (PNG/JPEG with PIL, DICOM with `qdistill_hf.data.dicom`).
+
+    Args:
+        path (`str` or `os.PathLike`): the uploaded file.
+
+    Returns:
+        `PIL.Image.Image`, decoded (16-bit PNGs keep their depth; the pipeline's processor scales them).
+
+    Raises:
+        ValueError: the file is not a readable PNG/JPEG/DICOM film; the message names the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if _looks_like_dicom(path):
+        reader = _dicom_reader()
+        if reader is None:
+            raise ValueError(f"{path.name}: a DICOM file, but DICOM support is not installed "
+                             "(qdistill_hf.data.dicom with pydicom). Upload a PNG or JPEG export instead.")
+        return reader(str(path))
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path.name}: not a readable PNG/JPEG film ({error}).") from error
+    return image
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triage: the pipeline's
+# --------------------------------------------------------------------------------------------------------------------
+def load_triage(model_folder: str | os.PathLike) -> Callable[[Any], dict]:
+    """The `cxr-triage` pipeline of `model_folder`, as a function `film -> dict`.
+
+    Args:
+        model_folder (`str` or `os.PathLike`): a saved image-only student with its processor.
+
+    Returns:
+        A callable returning the pipeline's dict for one film: `label`, `probability` (calibrated p(urgent)),
+        `threshold`, `threshold_source`, `scores` and `attention_map`.
+    """
+    folder = Path(model_folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"No saved model in {folder} (no config.json). Run `make demo` first, or pass "
+                                "--model with a folder written by save_pretrained.")
+    try:
+        import qdistill_hf.models.pipeline_qdistill  # noqa: F401  (registers the "cxr-triage" task)
+    except ImportError:
+        logger.warning("qdistill_hf.models.pipeline_qdistill is not installed: using the interim adapter")
+        return _interim_triage(folder)
+    from transformers import pipeline
+
+    pipe = pipeline("cxr-triage", model=str(folder))
+
+    def triage(image) -> dict:
+        return pipe(image, return_attention_map=True)
+
+    return triage
+
+
+def _interim_triage(folder: Path) -> Callable[[Any], dict]:
+    """TEMPORARY stand-in for the `cxr-triage` pipeline until it lands (same keys; model's own triage methods)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    import qdistill_hf  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+
+    def triage(image) -> dict:
+        inputs = processor(images=[image], return_tensors="pt")
+        with torch.no_grad():
+            output = model(pixel_values=inputs["pixel_values"], output_attentions=True)
+        probabilities = model.triage_probabilities(output.logits)
+        decision = int(model.triage_decisions(probabilities)[0])
+        weights = torch.stack([w[0].float().mean(dim=(0, 1)) for w in output.cross_attentions]).mean(0)
+        grid = int(round((weights.numel() - 1) ** 0.5))
+        heat = weights[1:].reshape(grid, grid).numpy()
+        heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+        film = _display_film(image)
+        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(film.size, Image.BICUBIC)) / 255.0
+        base = np.asarray(film.convert("RGB")).astype(np.float32)
+        red = np.zeros_like(base)
+        red[..., 0] = 255
+        alpha = 0.6 * heat[..., None]
+        overlay = Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8))
+        return {
+            "label": model.config.id2label[decision],
+            "probability": float(probabilities[0, 1]),
+            "threshold": model.config.decision_threshold,
+            "threshold_source": model.config.decision_rule,
+            "scores": {model.config.id2label[i]: float(p) for i, p in enumerate(probabilities[0])},
+            "attention_map": overlay,
+        }
+
+    return triage
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------------
+def _display_film(image):
+    """An 8-bit copy of the film for display (the processor's own rule for 16-bit and float films)."""
+    from qdistill_hf.models.processing_qdistill import to_eight_bit_film
+
+    return to_eight_bit_film(image, name="uploaded film").convert("RGB")
+
+
+def _as_pil(picture):
+    """The pipeline's attention map as a PIL image (it may come as PIL or as PNG bytes)."""
+    import io
+
+    from PIL import Image
+
+    if picture is None or isinstance(picture, Image.Image):
+        return picture
+    if isinstance(picture, (bytes, bytearray)):
+        return Image.open(io.BytesIO(picture))
+    raise TypeError(f"attention_map must be a PIL image or PNG bytes, got {type(picture).__name__}.")
+
+
+def result_html(result: dict, film_name: str) -> str:
+    """The verdict card: label, calibrated probability on a bar with the operating threshold, and its source."""
+    label = str(result["label"])
+    probability = float(result["probability"])
+    threshold = result.get("threshold")
+    source = result.get("threshold_source") or "not recorded in the model's config"
+    urgent = label == "urgent"
+    kind = "qd-urgent" if urgent else "qd-routine"
+    shown_threshold = 0.5 if threshold is None else float(threshold)
+    if threshold is None:
+        rule = "no operating threshold stored: argmax, i.e. urgent when p(urgent) &ge; 0.5"
+    else:
+        relation = "&ge;" if probability >= float(threshold) else "&lt;"
+        rule = f"p(urgent) = {probability:.3f} {relation} operating threshold {float(threshold):.3f}"
+    scores = result.get("scores") or {}
+    if isinstance(scores, dict):
+        score_items = list(scores.items())
+    else:  # a list of {"label", "score"} dicts, as transformers' classification pipelines return
+        score_items = [(item["label"], item["score"]) for item in scores]
+    rows = "".join(f"<tr><td>{html.escape(str(name))}</td><td>{float(score):.3f}</td></tr>"
+                   for name, score in score_items)
+    return (
+        f'<div class="qd-card {kind}">'
+        f'<div class="qd-verdict" id="{VERDICT_ID}" data-label="{html.escape(label)}">'
+        f"{html.escape(label.replace('_', '-').upper())}</div>"
+        f'<div class="qd-line">{rule}</div>'
+        f'<div class="qd-bar" title="calibrated p(urgent)">'
+        f'<div class="qd-fill" style="width:{100 * probability:.1f}%"></div>'
+        f'<div class="qd-mark" style="left:{100 * shown_threshold:.1f}%"><span>threshold {shown_threshold:.2f}</span>'
+        f'</div><span class="qd-scale" style="left:0">0</span><span class="qd-scale" style="right:0">1</span></div>'
+        f'<div class="qd-small"><b>Threshold source:</b> {html.escape(str(source))}</div>'
+        f'<div class="qd-small"><b>Film:</b> {html.escape(film_name)}</div>'
+        f"<table><tr><th>class</th><th>calibrated probability</th></tr>{rows}</table>"
+        f"</div>"
+    )
+
+
+def error_html(message: str) -> str:
+    return f'<div class="qd-card"><div class="qd-empty" id="triage-error">{html.escape(message)}</div></div>'
+
+
+EMPTY_HTML = '<div class="qd-card"><div class="qd-empty">Upload a film to triage it.</div></div>'
+
+
+def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[[Any], dict] | None = None):
+    """Build the Gradio app for one saved student.
+
+    Args:
+        model_folder (`str` or `os.PathLike`, *optional*, defaults to `outputs/demo/student`): the student folder.
+        triage (`Callable`, *optional*): `film -> dict` as [`load_triage`] returns; loaded from `model_folder` when
+            not given.
+
+    Returns:
+        `gradio.Blocks`, not launched: call `.launch(server_name="127.0.0.1", ...)` or use [`launch`].
+    """
+    import gradio as gr
+
+    triage = triage if triage is not None else load_triage(model_folder)
+    suffixes = accepted_suffixes()
+    dicom_note = "DICOM" if any(s in suffixes for s in DICOM_SUFFIXES) else "DICOM not installed"
+
+    def run(file_path):
+        if not file_path:
+            return EMPTY_HTML, None, None
+        name = Path(file_path).name
+        try:
+            film = read_film(file_path)
+            result = triage(film)
+        except (ValueError, OSError) as error:  # bad input: say so on the page, name the file
+            logger.warning(f"{name}: {error}")
+            return error_html(f"{name}: {error}"), None, None
+        logger.info(f"{name}: {result['label']} p(urgent)={float(result['probability']):.3f}")
+        return result_html(result, name), _display_film(film), _as_pil(result.get("attention_map"))
+
+    with gr.Blocks(title="Q-DISTILL triage demo", analytics_enabled=False) as app:
+        gr.Markdown(
+            f"## Q-DISTILL chest X-ray triage &mdash; research demo, not for clinical use\n"
+            f"Model: `{Path(model_folder)}` &middot; upload a frontal chest film (PNG/JPEG, {dicom_note})."
+        )
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=280):
+                upload = gr.File(label="Film", file_types=suffixes, type="filepath", elem_id=FILM_INPUT_ID,
+                                 height=120)
+                result = gr.HTML(EMPTY_HTML, elem_id=RESULT_ID)
+            with gr.Column(scale=1, min_width=280):
+                film = gr.Image(label="Film (as read)", type="pil", interactive=False, height=360,
+                                elem_id="film-view")
+            with gr.Column(scale=1, min_width=280):
+                attention = gr.Image(label="Attention of the student's queries over the film", type="pil",
+                                     interactive=False, height=360, elem_id=ATTENTION_ID)
+        gr.Markdown(
+            "The probability is calibrated (temperature scaling fitted on the validation split and saved in the "
+            "model's config); the label compares it with the operating threshold saved with the model. The map "
+            "shows where the student's queries attend on the frozen encoder's patch grid (brighter = more "
+            "attention); it is not a segmentation."
+        )
+        upload.change(run, inputs=upload, outputs=[result, film, attention])
+    return app
+
+
+def theme():
+    """Gradio's default look with system fonts (the default pulls web fonts from Google, unreachable offline)."""
+    import gradio as gr
+
+    system = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+    mono = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+    return gr.themes.Default(font=system, font_mono=mono)
+
+
+def launch(app, port: int, host: str = "127.0.0.1", block: bool = True):
+    """Serve on `host:port` with everything that would reach outside the machine turned off."""
+    return app.launch(
+        server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
+        mcp_server=False, footer_links=[], quiet=True, prevent_thread_lock=not block, theme=theme(), css=CSS,
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="saved image-only student folder (with processor)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (keep 127.0.0.1 unless you mean it)")
+    parser.add_argument("--port", type=int, default=7860)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    app = build_app(args.model)
+    logger.info(f"serving {args.model} on http://{args.host}:{args.port}")
+    launch(app, args.port, args.host)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
