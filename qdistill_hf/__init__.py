@@ -61,6 +61,8 @@ _LAZY = {
     "QDistillDistillationTrainer": "training",
     "cache_teacher_targets": "training",
     "compute_auroc_metrics": "training",
+    "compute_triage_metrics": "evaluation",
+    "make_compute_metrics": "evaluation",
 }
 
 

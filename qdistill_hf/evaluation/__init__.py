@@ -1,0 +1,19 @@
+"""Evaluation: triage metrics with bootstrap confidence intervals, calibration and operating points, retrieval.
+
+```python
+>>> from qdistill_hf.evaluation import compute_triage_metrics, make_compute_metrics
+>>> metrics = compute_triage_metrics(labels, probabilities, threshold=model.config.decision_threshold)
+>>> trainer = Trainer(..., compute_metrics=make_compute_metrics(), args=TrainingArguments(metric_for_best_model="auroc"))
+```
+"""
+
+from .metrics import bootstrap_auroc, calibration_bins, compute_triage_metrics, make_compute_metrics, softmax
+
+
+__all__ = [
+    "compute_triage_metrics",
+    "make_compute_metrics",
+    "bootstrap_auroc",
+    "calibration_bins",
+    "softmax",
+]
