@@ -7,6 +7,7 @@
 ```
 """
 
+from .calibration import calibrate_model, choose_threshold, fit_temperature, reliability_curve
 from .metrics import bootstrap_auroc, calibration_bins, compute_triage_metrics, make_compute_metrics, softmax
 
 
@@ -16,4 +17,8 @@ __all__ = [
     "bootstrap_auroc",
     "calibration_bins",
     "softmax",
+    "fit_temperature",
+    "choose_threshold",
+    "calibrate_model",
+    "reliability_curve",
 ]
