@@ -252,6 +252,17 @@ def result_html(result: dict, film_name: str) -> str:
     )
 
 
+def calibration_note(model_folder: str | os.PathLike) -> str:
+    """One line on the saved calibration temperature, read from the folder's config.json (display only)."""
+    import json
+
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    temperature = float(config.get("calibration_temperature", 1.0))
+    if temperature == 1.0:
+        return "calibration temperature T = 1 (no temperature fitted)"
+    return f"calibration temperature T = {temperature:.3g}"
+
+
 def error_html(message: str) -> str:
     return f'<div class="qd-card"><div class="qd-empty" id="triage-error">{html.escape(message)}</div></div>'
 
@@ -292,7 +303,8 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
     with gr.Blocks(title="Q-DISTILL triage demo", analytics_enabled=False) as app:
         gr.Markdown(
             f"## Q-DISTILL chest X-ray triage &mdash; research demo, not for clinical use\n"
-            f"Model: `{Path(model_folder)}` &middot; upload a frontal chest film (PNG/JPEG, {dicom_note})."
+            f"Model: `{Path(model_folder)}` &middot; {calibration_note(model_folder)} &middot; upload a frontal chest "
+            f"film (PNG/JPEG, {dicom_note})."
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
@@ -306,8 +318,9 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
                 attention = gr.Image(label="Attention of the student's queries over the film", type="pil",
                                      interactive=False, height=360, elem_id=ATTENTION_ID)
         gr.Markdown(
-            "The probability is calibrated (temperature scaling fitted on the validation split and saved in the "
-            "model's config); the label compares it with the operating threshold saved with the model. The map "
+            "p(urgent) is `softmax(logits / T)` with the calibration temperature T saved in the model's config "
+            "(fitted on the validation split; T = 1 means no calibration was fitted); the label compares it with "
+            "the operating threshold saved with the model (argmax when none is saved). The map "
             "shows where the student's queries attend on the frozen encoder's patch grid (brighter = more "
             "attention); it is not a segmentation."
         )
@@ -344,6 +357,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes of the local server
     app = build_app(args.model)
     logger.info(f"serving {args.model} on http://{args.host}:{args.port}")
     launch(app, args.port, args.host)
