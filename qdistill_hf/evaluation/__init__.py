@@ -9,6 +9,7 @@
 
 from .calibration import calibrate_model, choose_threshold, fit_temperature, reliability_curve
 from .metrics import bootstrap_auroc, calibration_bins, compute_triage_metrics, make_compute_metrics, softmax
+from .retrieval import recall_at_k, teacher_similarity_matrix
 
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "choose_threshold",
     "calibrate_model",
     "reliability_curve",
+    "recall_at_k",
+    "teacher_similarity_matrix",
 ]
