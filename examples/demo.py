@@ -184,34 +184,23 @@ def findings_text(findings) -> str:
 
 def report_recall_at_5(teacher, split, collator, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float, int]:
     """
-    Image->report recall@5 of the teacher's ITC embeddings over the split's *distinct* report texts: each film ranks
-    every distinct report with the similarity its ITC loss uses (the paired report never chooses the queries); a hit
-    is its own report text in the top 5. Returns `(recall, chance = 5 / distinct, distinct)`.
+    Image->report recall@5 of the teacher over the split's *distinct* report texts, by
+    `qdistill_hf.evaluation.teacher_similarity_matrix` (films and reports embedded separately, so the paired report
+    never shapes the image side) and `recall_at_k` (a hit is the film's own report text in the top 5; ties count
+    against it). Returns `(recall, chance = 5 / distinct, distinct)`.
     """
-    import torch
-
-    from qdistill_hf.models.loss_qdistill import query_text_similarity
+    from qdistill_hf.evaluation import recall_at_k, teacher_similarity_matrix
 
     rows = split.select_columns([c for c in ("image_features", "report", "study_id", "label") if c in split.column_names])
-    images, texts = [], []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-            out = teacher(image_features=batch["image_features"].to(teacher.device),
-                          input_ids=batch["input_ids"].to(teacher.device),
-                          attention_mask=batch["attention_mask"].to(teacher.device))
-            images.append(out.image_embeds)
-            texts.append(out.text_embeds)
-    images, texts = torch.cat(images), torch.cat(texts)
     reports = list(rows["report"])
     distinct = sorted(set(reports))
     first = [reports.index(text) for text in distinct]
-    own = torch.tensor([distinct.index(text) for text in reports], device=images.device)
-    similarity = query_text_similarity(images, texts[first], teacher.config.query_selection,
-                                       teacher.config.query_selection_temperature)
-    k = min(5, len(distinct))
-    recall = float((similarity.topk(k, dim=1).indices == own[:, None]).any(dim=1).float().mean())
-    return recall, k / len(distinct), len(distinct)
+    images = collator([rows[i] for i in range(len(rows))])["image_features"]
+    texts = collator([rows[i] for i in first])
+    similarity = teacher_similarity_matrix(teacher, images, texts["input_ids"], texts["attention_mask"],
+                                           batch_size=batch_size)
+    recall = recall_at_k(similarity, ks=(5,), image_groups=[distinct.index(text) for text in reports])
+    return recall["image_to_text_recall@5"], recall["image_to_text_chance@5"], len(distinct)
 
 
 def save(trainer, processor, folder: Path) -> None:
