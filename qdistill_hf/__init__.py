@@ -13,6 +13,7 @@ Layout, by concern (each layer may import the ones above it, never a peer beside
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .models.configuration_qdistill import QDistillStudentConfig, QDistillTeacherConfig, QFormerConfig
 from .models.modeling_qdistill import (
@@ -25,6 +26,7 @@ from .models.modeling_qdistill import (
     build_qformer_attention_mask,
 )
 from .models.processing_qdistill import QDistillImageProcessor, QDistillProcessor, register_processing_auto_classes
+from .models.pipeline_qdistill import CXR_TRIAGE_TASK, CxrTriagePipeline, QDistillImageOnlyStudentLoader
 from .models.tokenization_qdistill import build_report_tokenizer, train_report_tokenizer
 
 
@@ -36,7 +38,10 @@ AutoConfig.register(QDistillTeacherConfig.model_type, QDistillTeacherConfig, exi
 AutoConfig.register(QDistillStudentConfig.model_type, QDistillStudentConfig, exist_ok=True)
 AutoModel.register(QDistillTeacherConfig, QDistillTeacherModel, exist_ok=True)
 AutoModel.register(QDistillStudentConfig, QDistillStudentModel, exist_ok=True)
-AutoModelForImageClassification.register(QDistillStudentConfig, QDistillStudentModel, exist_ok=True)
+# Only an image_only student is an image classifier (a pseudo_report one needs input_ids): the loader refuses the
+# latter, and saved folders carry `AutoModelForImageClassification` in `auto_map` only for the former.
+AutoModelForImageClassification.register(QDistillStudentConfig, QDistillImageOnlyStudentLoader, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline(CXR_TRIAGE_TASK, pipeline_class=CxrTriagePipeline, pt_model=AutoModel, type="multimodal")
 
 # ... and `save_pretrained` writes `auto_map` and copies the flat model files, so a saved folder or Hub repo also
 # loads with `trust_remote_code=True` where qdistill_hf is not installed.
@@ -91,6 +96,7 @@ __all__ = [
     "QDistillImageProcessor",
     "QDistillProcessor",
     "register_processing_auto_classes",
+    "CxrTriagePipeline",
     "train_report_tokenizer",
     "build_report_tokenizer",
     *_LAZY,

@@ -1132,6 +1132,16 @@ class QDistillStudentModel(_FrozenVisionMixin, QDistillPreTrainedModel):
     def _apply_trainability(self):
         self.freeze_vision_encoder(self.config.freeze_vision_encoder)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with `AutoModelForImageClassification` in the saved `auto_map` only for an
+        `image_only` student: a `pseudo_report` student needs `input_ids` and is no image classifier."""
+        auto_map = {k: v for k, v in (getattr(self.config, "auto_map", None) or {}).items()
+                    if k != "AutoModelForImageClassification"}
+        if self._auto_class is not None and self.config.text_mode == "image_only":
+            auto_map["AutoModelForImageClassification"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        self.config.auto_map = auto_map or None
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
