@@ -59,25 +59,34 @@ CSS = """
   font-size: .8rem; color: #1f2328; white-space: nowrap;}
 #triage-result .qd-scale {position: absolute; top: 26px; font-size: .75rem; color: #4a525c;}
 #triage-result table {border-collapse: collapse; margin-top: 6px; font-size: .9rem; border: none;}
-#triage-result td, #triage-result th {padding: 2px 14px 2px 0; text-align: left; border: none;
-  border-bottom: 1px solid #e3e6ea; background: transparent;}
+#triage-result td, #triage-result th {padding: 2px 14px 2px 0; text-align: left; border: none !important;
+  border-bottom: 1px solid #e3e6ea !important; background: transparent;}
 #triage-result .qd-empty {color: #4a525c; font-size: 1rem;}
+#triage-result .qd-warning {color: #8a5300; background: #fff4e0; border-radius: 4px; padding: 3px 6px; margin: 4px 0;
+  font-size: .9rem;}
 """
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reading a film
 # --------------------------------------------------------------------------------------------------------------------
-def _dicom_reader() -> Callable[[str], Any] | None:
-    """`qdistill_hf.data.dicom.read_dicom_film` when that module (and pydicom) is installed, else None."""
+def dicom_supported() -> bool:
+    """Whether DICOM uploads can be read: `qdistill_hf.data.dicom` and pydicom are both installed."""
+    import importlib.util
+
     try:
-        from qdistill_hf.data.dicom import read_dicom_film
+        import qdistill_hf.data.dicom  # noqa: F401
     except ImportError:
-        return None
-    return read_dicom_film
+        return False
+    return importlib.util.find_spec("pydicom") is not None
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def accepted_suffixes() -> list[str]:
+    """The file types the upload box accepts: PNG/JPEG always, DICOM when DICOM support is installed."""
+    return list(FILM_SUFFIXES) + (list(DICOM_SUFFIXES) if dicom_supported() else [])
+
+
+def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as handle:
@@ -85,42 +94,47 @@ def _looks_like_dicom(path: Path) -> bool:
         return handle.read(4) == b"DICM"
 
 
-def accepted_suffixes() -> list[str]:
-    """The file types the upload box accepts: PNG/JPEG always, DICOM when a DICOM reader is installed."""
-    return list(FILM_SUFFIXES) + (list(DICOM_SUFFIXES) if _dicom_reader() is not None else [])
-
-
-def read_film(path: str | os.PathLike):
-    """Open an uploaded film as a PIL image (PNG/JPEG with PIL, DICOM with `qdistill_hf.data.dicom`).
+def read_film(path: str | os.PathLike) -> tuple[Any, str]:
+    """Open an uploaded film: PNG/JPEG with PIL, DICOM with `qdistill_hf.data.dicom.read_dicom_film`.
 
     Args:
         path (`str` or `os.PathLike`): the uploaded file.
 
     Returns:
-        `PIL.Image.Image`, decoded (16-bit PNGs keep their depth; the pipeline's processor scales them).
+        `(film, description)`: a decoded PIL image (16-bit PNGs keep their depth; the pipeline's processor scales
+        them), or for DICOM the float32 `[0, 1]` display intensities after the modality and VOI LUTs; and a short
+        description of what was read (format, mode/bit depth, size; for DICOM the window).
 
     Raises:
-        ValueError: the file is not a readable PNG/JPEG/DICOM film; the message names the file.
+        ValueError: the file is not a readable PNG/JPEG/DICOM film, or DICOM support is missing; the message names
+            the file.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if _looks_like_dicom(path):
-        reader = _dicom_reader()
-        if reader is None:
+    if _is_dicom(path):
+        if not dicom_supported():
             raise ValueError(f"{path.name}: a DICOM file, but DICOM support is not installed "
-                             "(qdistill_hf.data.dicom with pydicom). Upload a PNG or JPEG export instead.")
-        return reader(str(path))
+                             "(pip install qdistill_hf[dicom]). Upload a PNG or JPEG export instead.")
+        from qdistill_hf.data.dicom import read_dicom_film
+
+        pixels, meta = read_dicom_film(path)
+        voi = meta.get("voi")
+        if voi == "window":
+            voi = f"window C {meta['window_center']:g} / W {meta['window_width']:g}"
+        description = (f"DICOM {meta.get('photometric_interpretation')}, {meta.get('bits_stored')}-bit, "
+                       f"{pixels.shape[1]}x{pixels.shape[0]}, VOI: {voi}")
+        return pixels, description
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path.name}: not a readable PNG/JPEG film ({error}).") from error
-    return image
+    return image, f"{image.format} {image.mode}, {image.width}x{image.height}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Triage: the pipeline's
+# Triage: the cxr-triage pipeline's
 # --------------------------------------------------------------------------------------------------------------------
 def load_triage(model_folder: str | os.PathLike) -> Callable[[Any], dict]:
     """The `cxr-triage` pipeline of `model_folder`, as a function `film -> dict`.
@@ -130,63 +144,59 @@ def load_triage(model_folder: str | os.PathLike) -> Callable[[Any], dict]:
 
     Returns:
         A callable returning the pipeline's dict for one film: `label`, `probability` (calibrated p(urgent)),
-        `threshold`, `threshold_source`, `scores` and `attention_map`.
+        `threshold`, `threshold_source`, `scores`, `warnings` and `attention_map` (mode "L", the film's size).
     """
     folder = Path(model_folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {folder} (no config.json). Run `make demo` first, or pass "
                                 "--model with a folder written by save_pretrained.")
+    import qdistill_hf  # noqa: F401  (registers the Auto classes and the "cxr-triage" task)
+
     try:
-        import qdistill_hf.models.pipeline_qdistill  # noqa: F401  (registers the "cxr-triage" task)
+        from qdistill_hf.models.pipeline_qdistill import CXR_TRIAGE_TASK
     except ImportError:
         logger.warning("qdistill_hf.models.pipeline_qdistill is not installed: using the interim adapter")
         return _interim_triage(folder)
     from transformers import pipeline
 
-    pipe = pipeline("cxr-triage", model=str(folder))
+    pipe = pipeline(CXR_TRIAGE_TASK, model=str(folder))
 
-    def triage(image) -> dict:
-        return pipe(image, return_attention_map=True)
+    def triage(film) -> dict:
+        return pipe(film, return_attention_map=True)
 
     return triage
 
 
 def _interim_triage(folder: Path) -> Callable[[Any], dict]:
-    """TEMPORARY stand-in for the `cxr-triage` pipeline until it lands (same keys; model's own triage methods)."""
+    """TEMPORARY stand-in for the `cxr-triage` pipeline until it lands (same keys, the model's own triage methods)."""
     import numpy as np
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
 
-    import qdistill_hf  # noqa: F401  (registers the Auto classes)
-
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoImageProcessor.from_pretrained(folder)
 
-    def triage(image) -> dict:
-        inputs = processor(images=[image], return_tensors="pt")
+    def triage(film) -> dict:
+        inputs = processor(images=[film], return_tensors="pt")
         with torch.no_grad():
             output = model(pixel_values=inputs["pixel_values"], output_attentions=True)
         probabilities = model.triage_probabilities(output.logits)
         decision = int(model.triage_decisions(probabilities)[0])
-        weights = torch.stack([w[0].float().mean(dim=(0, 1)) for w in output.cross_attentions]).mean(0)
-        grid = int(round((weights.numel() - 1) ** 0.5))
-        heat = weights[1:].reshape(grid, grid).numpy()
-        heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-        film = _display_film(image)
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(film.size, Image.BICUBIC)) / 255.0
-        base = np.asarray(film.convert("RGB")).astype(np.float32)
-        red = np.zeros_like(base)
-        red[..., 0] = 255
-        alpha = 0.6 * heat[..., None]
-        overlay = Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8))
+        weights = output.cross_attentions[-1][0].float().mean(dim=(0, 1))[1:]
+        grid = int(round(weights.numel() ** 0.5))
+        heat = weights.reshape(grid, grid).numpy()
+        heat = (255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
+        size = _display_film(film).size
+        threshold = model.config.decision_threshold
         return {
             "label": model.config.id2label[decision],
             "probability": float(probabilities[0, 1]),
-            "threshold": model.config.decision_threshold,
-            "threshold_source": model.config.decision_rule,
+            "threshold": 0.5 if threshold is None else threshold,
+            "threshold_source": "default 0.5: not calibrated" if threshold is None else model.config.decision_rule,
             "scores": {model.config.id2label[i]: float(p) for i, p in enumerate(probabilities[0])},
-            "attention_map": overlay,
+            "warnings": [],
+            "attention_map": Image.fromarray(heat, mode="L").resize(size, Image.BILINEAR),
         }
 
     return triage
@@ -195,11 +205,11 @@ def _interim_triage(folder: Path) -> Callable[[Any], dict]:
 # --------------------------------------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------------------------------------
-def _display_film(image):
-    """An 8-bit copy of the film for display (the processor's own rule for 16-bit and float films)."""
+def _display_film(film):
+    """An 8-bit RGB copy of the film for display, by the processor's own rule (16-bit and float films)."""
     from qdistill_hf.models.processing_qdistill import to_eight_bit_film
 
-    return to_eight_bit_film(image, name="uploaded film").convert("RGB")
+    return to_eight_bit_film(film, name="uploaded film").convert("RGB")
 
 
 def _as_pil(picture):
@@ -215,8 +225,29 @@ def _as_pil(picture):
     raise TypeError(f"attention_map must be a PIL image or PNG bytes, got {type(picture).__name__}.")
 
 
-def result_html(result: dict, film_name: str) -> str:
-    """The verdict card: label, calibrated probability on a bar with the operating threshold, and its source."""
+def attention_overlay(film_rgb, attention, strength: float = 0.6):
+    """The attention map (mode "L", 255 = most attended) in a black-red-yellow scale, blended over the film.
+
+    Display only: opacity grows with attention, so weakly attended regions show the film unchanged.
+    """
+    import numpy as np
+    from PIL import Image
+
+    attention = _as_pil(attention)
+    if attention is None:
+        return None
+    if attention.size != film_rgb.size:
+        attention = attention.resize(film_rgb.size, Image.BILINEAR)
+    heat = np.asarray(attention.convert("L"), dtype=np.float32) / 255.0
+    colour = np.stack([np.clip(3 * heat, 0, 1), np.clip(3 * heat - 1, 0, 1), np.clip(3 * heat - 2, 0, 1)], -1) * 255
+    alpha = strength * heat[..., None]
+    base = np.asarray(film_rgb, dtype=np.float32)
+    return Image.fromarray(np.rint(base * (1 - alpha) + colour * alpha).astype(np.uint8), mode="RGB")
+
+
+def result_html(result: dict, film_name: str, film_description: str = "") -> str:
+    """The verdict card: label, calibrated probability on a bar with the operating threshold, its source, the film's
+    plausibility warnings, and every class's calibrated probability."""
     label = str(result["label"])
     probability = float(result["probability"])
     threshold = result.get("threshold")
@@ -224,8 +255,8 @@ def result_html(result: dict, film_name: str) -> str:
     urgent = label == "urgent"
     kind = "qd-urgent" if urgent else "qd-routine"
     shown_threshold = 0.5 if threshold is None else float(threshold)
-    if threshold is None:
-        rule = "no operating threshold stored: argmax, i.e. urgent when p(urgent) &ge; 0.5"
+    if threshold is None:  # more than two classes: the pipeline decides by argmax
+        rule = f"p({html.escape(label)}) = {probability:.3f}, the largest calibrated probability (argmax)"
     else:
         relation = "&ge;" if probability >= float(threshold) else "&lt;"
         rule = f"p(urgent) = {probability:.3f} {relation} operating threshold {float(threshold):.3f}"
@@ -236,6 +267,8 @@ def result_html(result: dict, film_name: str) -> str:
         score_items = [(item["label"], item["score"]) for item in scores]
     rows = "".join(f"<tr><td>{html.escape(str(name))}</td><td>{float(score):.3f}</td></tr>"
                    for name, score in score_items)
+    warnings = "".join(f'<div class="qd-warning">&#9888; {html.escape(str(message))}</div>'
+                       for message in result.get("warnings") or [])
     return (
         f'<div class="qd-card {kind}">'
         f'<div class="qd-verdict" id="{VERDICT_ID}" data-label="{html.escape(label)}">'
@@ -246,7 +279,9 @@ def result_html(result: dict, film_name: str) -> str:
         f'<div class="qd-mark" style="left:{100 * shown_threshold:.1f}%"><span>threshold {shown_threshold:.2f}</span>'
         f'</div><span class="qd-scale" style="left:0">0</span><span class="qd-scale" style="right:0">1</span></div>'
         f'<div class="qd-small"><b>Threshold source:</b> {html.escape(str(source))}</div>'
-        f'<div class="qd-small"><b>Film:</b> {html.escape(film_name)}</div>'
+        f'<div class="qd-small"><b>Film:</b> {html.escape(film_name)}'
+        f'{" &middot; " + html.escape(film_description) if film_description else ""}</div>'
+        f"{warnings}"
         f"<table><tr><th>class</th><th>calibrated probability</th></tr>{rows}</table>"
         f"</div>"
     )
@@ -292,13 +327,15 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
             return EMPTY_HTML, None, None
         name = Path(file_path).name
         try:
-            film = read_film(file_path)
+            film, description = read_film(file_path)
             result = triage(film)
         except (ValueError, OSError) as error:  # bad input: say so on the page, name the file
             logger.warning(f"{name}: {error}")
-            return error_html(f"{name}: {error}"), None, None
+            return error_html(str(error) if name in str(error) else f"{name}: {error}"), None, None
         logger.info(f"{name}: {result['label']} p(urgent)={float(result['probability']):.3f}")
-        return result_html(result, name), _display_film(film), _as_pil(result.get("attention_map"))
+        shown = _display_film(film)
+        return (result_html(result, name, description), shown,
+                attention_overlay(shown, result.get("attention_map")))
 
     with gr.Blocks(title="Q-DISTILL triage demo", analytics_enabled=False) as app:
         gr.Markdown(
@@ -315,14 +352,15 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
                 film = gr.Image(label="Film (as read)", type="pil", interactive=False, height=360,
                                 elem_id="film-view")
             with gr.Column(scale=1, min_width=280):
-                attention = gr.Image(label="Attention of the student's queries over the film", type="pil",
+                attention = gr.Image(label="Attention map over the film", type="pil",
                                      interactive=False, height=360, elem_id=ATTENTION_ID)
         gr.Markdown(
             "p(urgent) is `softmax(logits / T)` with the calibration temperature T saved in the model's config "
             "(fitted on the validation split; T = 1 means no calibration was fitted); the label compares it with "
-            "the operating threshold saved with the model (argmax when none is saved). The map "
-            "shows where the student's queries attend on the frozen encoder's patch grid (brighter = more "
-            "attention); it is not a segmentation."
+            "the operating threshold saved with the model (0.5 when none is saved). "
+            "The attention map is the student's last cross-attention layer, averaged over its queries and heads, "
+            "on the frozen encoder's patch grid and mapped back onto the film: red to yellow = more attention, "
+            "film unchanged = little. It shows where the model looked, not a segmentation of a finding."
         )
         upload.change(run, inputs=upload, outputs=[result, film, attention])
     return app

@@ -55,6 +55,41 @@ def _film(path: Path, seed: int = 3) -> Path:
     return path
 
 
+def _dicom_film(path: Path, seed: int = 5) -> Path:
+    """A 12-bit MONOCHROME2 DICOM film (60x52) with a rescale and a window, written with pydicom."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:52, 0:60]
+    stored = 2000 + 900 * np.sin(x / 6.0) * np.cos(y / 9.0) + rng.normal(0, 150, (52, 60))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 52, 60, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, 0, 2000, 2400
+    ds.PixelData = np.clip(stored, 0, 4095).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _upload_and_read(page, app, url: str, film: Path, screenshot: Path) -> dict:
+    """Open the page, upload `film`, wait for the verdict and the attention map; what the page shows."""
+    page.goto(url)
+    page.locator(f"#{app.FILM_INPUT_ID} input[type=file]").set_input_files(str(film))
+    verdict = page.locator(f"#{app.VERDICT_ID}")
+    verdict.wait_for(timeout=30_000)
+    page.locator(f"#{app.ATTENTION_ID} img").wait_for(timeout=30_000)
+    shown = {"label": verdict.get_attribute("data-label"), "text": verdict.inner_text(),
+             "card": page.locator(f"#{app.RESULT_ID}").inner_text()}
+    page.screenshot(path=str(screenshot), full_page=True)
+    return shown
+
+
 def _student_folder(tmp_path: Path, film: Image.Image) -> tuple[Path, dict]:
     """A tiny image-only student with processor, its operating threshold placed so the stored threshold (not argmax)
     decides the label of `film`; returns the folder and what the page must show."""
@@ -100,7 +135,8 @@ def test_read_film_names_the_file_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="notes.png: not a readable PNG/JPEG film"):
         app.read_film(bad)
     good = _film(tmp_path / "film.png")
-    assert app.read_film(good).size == (48, 40)
+    film, description = app.read_film(good)
+    assert film.size == (48, 40) and description == "PNG L, 48x40"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser installed (apt-get install chromium; .ci/run does)")
@@ -110,12 +146,15 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
     app = _import_app()
     film_path = _film(tmp_path / "film.png")
     folder, expected = _student_folder(tmp_path, Image.open(film_path))
+    dicom_path = _dicom_film(tmp_path / "film.dcm") if app.dicom_supported() else None
 
-    # What the triage gives in-process for the same film (the app's own entry point to the pipeline).
-    in_process = app.load_triage(folder)(app.read_film(film_path))
+    # What the triage gives in-process for the same films (the app's own entry point to the pipeline).
+    triage = app.load_triage(folder)
+    in_process = triage(app.read_film(film_path)[0])
     assert in_process["label"] == expected["label"]
     assert in_process["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert in_process["threshold"] == pytest.approx(expected["threshold"])
+    in_process_dicom = triage(app.read_film(dicom_path)[0]) if dicom_path else None
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -131,27 +170,26 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 requested = []
                 page.on("request", lambda request: requested.append(request.url))
-                page.goto(url)
-                page.locator(f"#{app.FILM_INPUT_ID} input[type=file]").set_input_files(str(film_path))
-                verdict = page.locator(f"#{app.VERDICT_ID}")
-                verdict.wait_for(timeout=30_000)
-                page.locator(f"#{app.ATTENTION_ID} img").wait_for(timeout=30_000)
-                label = verdict.get_attribute("data-label")
-                shown = verdict.inner_text()
-                card = page.locator(f"#{app.RESULT_ID}").inner_text()
                 screenshot = tmp_path / "app.png"
-                page.screenshot(path=str(screenshot), full_page=True)
+                shown = _upload_and_read(page, app, url, film_path, screenshot)
+                if dicom_path:
+                    shown_dicom = _upload_and_read(page, app, url, dicom_path, tmp_path / "app_dicom.png")
             finally:
                 browser.close()
     finally:
         server.terminate()
         server.wait(timeout=10)
 
-    assert label == in_process["label"] == expected["label"]
-    assert shown == expected["label"].replace("_", "-").upper()
-    assert f"p(urgent) = {in_process['probability']:.3f}" in card
-    assert f"operating threshold {expected['threshold']:.3f}" in card
-    assert "test rule: threshold placed against argmax" in card
+    assert shown["label"] == in_process["label"] == expected["label"]
+    assert shown["text"] == expected["label"].replace("_", "-").upper()
+    assert f"p(urgent) = {in_process['probability']:.3f}" in shown["card"]
+    assert f"operating threshold {expected['threshold']:.3f}" in shown["card"]
+    assert "test rule: threshold placed against argmax" in shown["card"]
+    assert "PNG L, 48x40" in shown["card"]
+    if dicom_path:  # a DICOM upload goes through read_dicom_film: 12-bit, windowed
+        assert shown_dicom["label"] == in_process_dicom["label"]
+        assert f"p(urgent) = {in_process_dicom['probability']:.3f}" in shown_dicom["card"]
+        assert "DICOM MONOCHROME2, 12-bit, 60x52, VOI: window C 2000 / W 2400" in shown_dicom["card"]
     # Everything the page asked for came from the local server (no web fonts, no CDN, no analytics).
     outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
     assert requested and outside == []
@@ -160,3 +198,5 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, Path(keep) / "app_browser_test.png")
+        if dicom_path:
+            shutil.copy(tmp_path / "app_dicom.png", Path(keep) / "app_browser_test_dicom.png")
