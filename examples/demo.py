@@ -64,11 +64,14 @@ folder, manifest = sys.argv[1], json.load(open(sys.argv[2]))
 model = AutoModel.from_pretrained(folder).eval()
 processor = AutoProcessor.from_pretrained(folder)
 print(f"fresh process: {type(model).__name__} ({model.config.text_mode}) and {type(processor).__name__} from {folder}")
+print(f"operating point from its config: temperature {model.config.calibration_temperature:.3f}, threshold "
+      f"{model.config.decision_threshold:.3f} ({model.config.decision_rule})")
 films = [Image.open(row["path"]) for row in manifest]
 with torch.no_grad():
-    probs = model(**processor(images=films)).logits.softmax(-1)
-for row, p in zip(manifest, probs):
-    verdict = model.config.id2label[int(p.argmax())]
+    probs = model.triage_probabilities(model(**processor(images=films)).logits)
+decisions = model.triage_decisions(probs)
+for row, p, decision in zip(manifest, probs, decisions):
+    verdict = model.config.id2label[int(decision)]
     print(f"triage {row['study_id']}: {verdict:<10} p({model.config.id2label[1]})={p[1]:.2f}  "
           f"truth={row['truth']:<10} findings={row['findings']}")
 """
@@ -88,6 +91,12 @@ def parse_args(argv=None):
     parser.add_argument("--student_epochs", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold_rule", choices=("sensitivity", "specificity", "youden"), default="sensitivity",
+                        help="how the operating threshold is chosen on the selection split")
+    parser.add_argument("--threshold_target", type=float, default=0.90,
+                        help="the rule's target on the selection split (0.90: the threshold reaching 90%% sensitivity)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also train examples/run_baseline.py's ResNet from scratch and linear probe")
     return parser.parse_args(argv)
 
 
@@ -96,40 +105,58 @@ def patient_id(study_id: str) -> str:
     return study_id.rsplit("_", 1)[0]
 
 
-def is_test_patient(patient: str) -> bool:
-    return hashlib.md5(patient.encode("utf-8")).digest()[0] % 2 == 1
+def is_selection_patient(patient: str) -> bool:
+    """About a quarter of the patients, deterministically: the first byte of the MD5 of the id is divisible by 4."""
+    return hashlib.md5(patient.encode("utf-8")).digest()[0] % 4 == 0
 
 
 def load_data(args):
-    """train / validation / test splits: synthetic films, or a qdistill_folder (test carved from validation)."""
+    """
+    The splits and the names of the selection and evaluation splits.
+
+    Synthetic films, or a qdistill_folder with a test split: train / validation (selection: checkpoints, temperature,
+    threshold) / test (evaluation). A qdistill_folder with only train and validation (../shared/data/cxr-paired): a
+    `selection` split is carved out of train by patient, and the untouched `validation` split is the evaluation split.
+
+    Returns:
+        `(DatasetDict, selection_split, evaluation_split)`; the DatasetDict's keys are train and those two names.
+    """
     import datasets
 
     from qdistill_hf import load_cxr_dataset
 
     cache_dir = str(Path(args.output_dir) / "cache")
     if args.data_dir is None:
-        return load_cxr_dataset(
+        splits = load_cxr_dataset(
             "synthetic", cache_dir=cache_dir, num_train=args.num_train, num_validation=args.num_validation,
             num_test=args.num_test, seed=args.seed,
         )
+        return splits, "validation", "test"
     splits = load_cxr_dataset(
         "qdistill_folder", data_dir=args.data_dir, cache_dir=cache_dir, label_names=("normal", "abnormal")
     )
-    if "test" not in splits:
+    if "test" in splits:
         if "validation" not in splits:
-            raise ValueError(f"{args.data_dir}: no validation split to carve a test split from ({list(splits)})")
-        validation = splits["validation"]
-        to_test = [is_test_patient(patient_id(sid)) for sid in validation["study_id"]]
-        test_rows = [i for i, t in enumerate(to_test) if t]
-        val_rows = [i for i, t in enumerate(to_test) if not t]
-        splits = datasets.DatasetDict(
-            train=splits["train"], validation=validation.select(val_rows), test=validation.select(test_rows)
-        )
-        logger.info(
-            f"{args.data_dir} has no test split: carved {len(test_rows)} of {len(validation)} validation studies "
-            f"into test, by patient (MD5 of the id before the last '_')"
-        )
-    return splits
+            raise ValueError(f"{args.data_dir}: a test split but no validation split to select on ({list(splits)})")
+        return datasets.DatasetDict(train=splits["train"], validation=splits["validation"], test=splits["test"]), \
+            "validation", "test"
+    if "validation" not in splits:
+        raise ValueError(f"{args.data_dir}: no validation split to evaluate on ({list(splits)})")
+    train = splits["train"]
+    chosen = [is_selection_patient(patient_id(sid)) for sid in train["study_id"]]
+    selection_rows = [i for i, c in enumerate(chosen) if c]
+    train_rows = [i for i, c in enumerate(chosen) if not c]
+    if not selection_rows or not train_rows:
+        raise ValueError(f"{args.data_dir}: carving a selection split out of train by patient left "
+                         f"{len(train_rows)} train and {len(selection_rows)} selection studies")
+    carved = datasets.DatasetDict(train=train.select(train_rows), selection=train.select(selection_rows),
+                                  validation=splits["validation"])
+    logger.info(
+        f"{args.data_dir} has no test split: carved {len(selection_rows)} of {len(train)} train studies into a "
+        f"selection split by patient (MD5 of the id before the last '_'), for checkpoints, temperature and threshold; "
+        f"the {len(splits['validation'])} validation studies are the evaluation split, on which nothing is tuned"
+    )
+    return carved, "selection", "validation"
 
 
 def training_args(args, output_dir: Path, epochs: int, learning_rate: float, metric: str = "auroc", **extra):
@@ -148,7 +175,7 @@ def training_args(args, output_dir: Path, epochs: int, learning_rate: float, met
 
 
 def best_validation(trainer) -> tuple[float | None, int | None]:
-    """The best checkpoint's validation AUROC and its epoch, from the Trainer's state."""
+    """The best checkpoint's selection-split AUROC and its epoch, from the Trainer's state."""
     state, key = trainer.state, "eval_" + trainer.args.metric_for_best_model
     if state.best_metric is None:
         return None, None
@@ -156,24 +183,65 @@ def best_validation(trainer) -> tuple[float | None, int | None]:
     return (None, None) if best is None else (best.get("eval_auroc"), round(best["epoch"]))
 
 
-def test_metrics(trainer, test) -> tuple[dict, "np.ndarray"]:
-    """AUROC and accuracy on the test split, plus the predicted class of every film."""
-    from qdistill_hf.training import compute_auroc_metrics
+def predict_and_calibrate(name: str, trainer, splits, selection: str, evaluation: str, folder: Path, args) -> dict:
+    """
+    The kept checkpoint's logits on the selection and evaluation splits, written as `folder/predictions_<split>.npz`;
+    then temperature and threshold fitted on the *selection* logits only (`calibrate_model`, which writes
+    `calibration_temperature`, `decision_threshold` and `decision_rule` into the model's config before it is saved).
 
-    prediction = trainer.predict(test, metric_key_prefix="test")
-    metrics = compute_auroc_metrics(prediction)
-    return metrics, prediction.predictions.argmax(-1)
+    Returns:
+        `calibrate_model`'s summary.
+    """
+    import numpy as np
+
+    from example_utils import save_predictions
+    from qdistill_hf.evaluation import calibrate_model, choose_threshold, fit_temperature
+
+    logits = {}
+    for split in (selection, evaluation):
+        prediction = trainer.predict(splits[split], metric_key_prefix=split)
+        raw = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        logits[split] = raw
+        save_predictions(folder, split, splits[split]["study_id"], prediction.label_ids, raw)
+    if hasattr(trainer.model, "triage_probabilities"):
+        summary = calibrate_model(trainer.model, logits[selection], splits[selection]["label"],
+                                  rule=args.threshold_rule, target=args.threshold_target, split=selection)
+    else:  # the baselines (transformers' ResNet, the probe): the same fit, stored in the same config fields
+        from evaluate_triage import softmax
+
+        labels = np.asarray(splits[selection]["label"])
+        temperature = fit_temperature(logits[selection], labels)
+        threshold, rule = choose_threshold(labels, softmax(logits[selection], temperature)[:, 1],
+                                           rule=args.threshold_rule, target=args.threshold_target, split=selection,
+                                           label_names=list(trainer.model.config.id2label.values()))
+        trainer.model.config.update(dict(calibration_temperature=float(temperature), decision_threshold=float(threshold),
+                                         decision_rule=rule))
+        summary = {"temperature": float(temperature), "threshold": float(threshold), "decision_rule": rule}
+    config = trainer.model.config
+    logger.info(f"{name}: temperature {config.calibration_temperature:.3f}, threshold {config.decision_threshold:.3f} "
+                f"({config.decision_rule})")
+    return summary
 
 
-def warn_if_too_small(name: str, trainer, predictions, warnings: list) -> None:
+def warn_if_too_small(name: str, trainer, folder: Path, evaluation: str, warnings: list) -> None:
+    import numpy as np
+
+    from example_utils import load_predictions, predictions_path
+
     auroc, epoch = best_validation(trainer)
-    logger.info(f"{name}: best checkpoint epoch {epoch}, validation AUROC "
+    logger.info(f"{name}: best checkpoint epoch {epoch}, selection AUROC "
                 + ("n/a" if auroc is None else f"{auroc:.3f}"))
     if auroc is not None and auroc < TOO_SMALL_AUROC:
-        warnings.append(f"{name}: validation AUROC of the best checkpoint is {auroc:.3f} < {TOO_SMALL_AUROC}: "
+        warnings.append(f"{name}: selection AUROC of the best checkpoint is {auroc:.3f} < {TOO_SMALL_AUROC}: "
                         "too small a run to learn the task (more --num_train / epochs)")
-    if len(set(predictions.tolist())) == 1:
-        warnings.append(f"{name}: predicts class {int(predictions[0])} for every test film: too small a run")
+    logits = load_predictions(predictions_path(folder, evaluation))["logits"]
+    model = trainer.model
+    import torch
+
+    decisions = model.triage_decisions(model.triage_probabilities(torch.as_tensor(logits))).numpy()
+    if len(np.unique(decisions)) == 1:
+        warnings.append(f"{name}: at its threshold it predicts class {int(decisions[0])} for every {evaluation} film: "
+                        "too small a run")
 
 
 def findings_text(findings) -> str:
@@ -207,6 +275,63 @@ def save(trainer, processor, folder: Path) -> None:
     trainer.save_model(str(folder))
     processor.save_pretrained(str(folder))
     logger.info(f"saved {type(trainer.model).__name__} + processor to {folder}/")
+
+
+def run_baselines(args, film_splits, feature_splits, selection: str, evaluation: str, id2label: dict,
+                  output_dir: Path) -> list[tuple[str, str]]:
+    """
+    `examples/run_baseline.py`'s two baselines on the demo's splits, with the stock `Trainer`, checkpoints chosen by
+    selection AUROC, then predictions and calibration on the selection split like every other model:
+
+    - `baseline_resnet`: `ResNetForImageClassification` from scratch on the films (112 px, widths 32-256, one basic
+      block per stage: run_baseline.py's CPU config);
+    - `baseline_linear_probe`: one linear layer on the frozen encoder's CLS token (the teacher's and students' encoder),
+      standardised with the training films' statistics.
+
+    Returns:
+        `[(folder name, description)]`.
+    """
+    import numpy as np
+    from transformers import ResNetConfig, ResNetForImageClassification, Trainer, set_seed
+
+    from qdistill_hf import QDistillImageProcessor
+    from run_baseline import FeatureCollator, FilmCollator, _probe_classes, compute_metrics_function, pooled_statistics
+
+    label2id = {name: index for index, name in id2label.items()}
+    image_processor = QDistillImageProcessor(size={"height": 112, "width": 112})
+    runs = []
+    set_seed(args.seed)
+    resnet = ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic",
+        id2label=id2label, label2id=label2id,
+    ))
+    runs.append(("baseline_resnet", "baseline, ResNet from scratch (films)", resnet, film_splits,
+                 FilmCollator(image_processor), image_processor, 1e-3))
+    set_seed(args.seed)
+    probe_config_class, probe_class = _probe_classes()
+    width = np.asarray(feature_splits["train"][0]["image_features"]).shape[-1]
+    probe = probe_class(probe_config_class(input_size=int(width), head="linear", pooling="cls",
+                                           encoder=args.vision_model or "random stand-in encoder (demo seed)",
+                                           id2label=id2label, label2id=label2id))
+    probe.set_feature_statistics(*pooled_statistics(probe, feature_splits["train"]))
+    runs.append(("baseline_linear_probe", "baseline, linear probe on frozen features", probe, feature_splits,
+                 FeatureCollator(), None, 1e-3))
+    done = []
+    for name, description, model, splits, collator, saved_processor, learning_rate in runs:
+        set_seed(args.seed)
+        trainer = Trainer(
+            model=model, args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, learning_rate),
+            train_dataset=splits["train"], eval_dataset=splits[selection], data_collator=collator,
+            processing_class=saved_processor, compute_metrics=compute_metrics_function(),
+        )
+        logger.info(f"training {name} ({description})")
+        trainer.train()
+        folder = output_dir / name
+        predict_and_calibrate(name, trainer, splits, selection, evaluation, folder, args)
+        trainer.save_model(str(folder))
+        trainer.state.save_to_json(str(folder / "trainer_state.json"))
+        done.append((name, description))
+    return done
 
 
 def main(argv=None) -> int:
@@ -247,20 +372,21 @@ def main(argv=None) -> int:
         logger.info(f"load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} cores: torch uses 1 thread "
                     "(set OMP_NUM_THREADS to choose)")
 
-    # 1. Data.
-    splits = load_data(args)
+    # 1. Data: train, a selection split (checkpoints, temperature, threshold) and an evaluation split (the table).
+    splits, selection, evaluation = load_data(args)
     label_names = splits["train"].features["label"].names
-    logger.info(f"data: { {name: len(split) for name, split in splits.items()} }, classes {label_names}")
+    logger.info(f"data: { {name: len(split) for name, split in splits.items()} }, classes {label_names}; selection "
+                f"split {selection!r}, evaluation split {evaluation!r}")
 
     # 2. Processor: CXR image processor + a report tokenizer trained on the train split only.
     tokenizer = build_report_tokenizer(splits, vocab_size=2000, min_frequency=1, model_max_length=128)
     processor = QDistillProcessor(image_processor=QDistillImageProcessor(), tokenizer=tokenizer)
 
-    # The triage films: a few test films written as PNG, for the fresh process to read from pixels.
+    # The triage films: a few evaluation films written as PNG, for the fresh process to read from pixels.
     films_dir = output_dir / "triage_films"
     films_dir.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for row in splits["test"].select(range(min(NUM_TRIAGE_FILMS, len(splits["test"])))):
+    for row in splits[evaluation].select(range(min(NUM_TRIAGE_FILMS, len(splits[evaluation])))):
         path = films_dir / f"{row['study_id']}.png"
         row["image"].save(path)
         manifest.append({"study_id": row["study_id"], "path": str(path.resolve()), "truth": label_names[row["label"]],
@@ -275,6 +401,7 @@ def main(argv=None) -> int:
     else:
         encoder = stand_in_encoder(args.seed)
     encoder.eval().requires_grad_(False)
+    film_splits = splits if args.baselines else None  # the CNN baseline reads the films themselves
     splits = cache_features(splits, encoder, processor.image_processor, argparse.Namespace(
         feature_cache_dir=None, per_device_eval_batch_size=EVAL_BATCH_SIZE))
     logger.info(f"feature cache: {splits['train'].cache_files[0]['filename'] if splits['train'].cache_files else '-'}")
@@ -303,35 +430,36 @@ def main(argv=None) -> int:
         model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 1e-3,
                                           metric="loss", max_grad_norm=1.0,
                                           lr_scheduler_type="constant"),
-        train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
+        train_dataset=splits["train"], eval_dataset=splits[selection], processing_class=processor,
         compute_metrics=compute_auroc_metrics,
     )
     logger.info("training the teacher (film + human report)")
     teacher_trainer.train()
     teacher = teacher_trainer.model.eval()
     validation = teacher_trainer.evaluate()
-    # ITC is over each evaluation batch: chance is the mean of ln(batch size) over the validation batches.
-    n_val, eval_batch = len(splits["validation"]), EVAL_BATCH_SIZE
+    # ITC is over each evaluation batch: chance is the mean of ln(batch size) over the selection batches.
+    n_val, eval_batch = len(splits[selection]), EVAL_BATCH_SIZE
     sizes = [min(eval_batch, n_val - start) for start in range(0, n_val, eval_batch)]
     itc_chance = sum(math.log(size) for size in sizes) / len(sizes)
     logger.info(
-        f"teacher validation: loss_itc {validation.get('eval_loss_itc', float('nan')):.3f} (chance ln(eval batch) = "
+        f"teacher {selection}: loss_itc {validation.get('eval_loss_itc', float('nan')):.3f} (chance ln(eval batch) = "
         f"{itc_chance:.3f}), loss_itm {validation.get('eval_loss_itm', float('nan')):.3f} (chance = entropy of its "
         f"1:2 split = {ITM_CHANCE:.4f}), AUROC {validation['eval_auroc']:.3f}"
     )
-    if "image_features" in splits["validation"].column_names:
-        recall, recall_chance, distinct = report_recall_at_5(teacher, splits["validation"], teacher_trainer.data_collator)
-        logger.info(f"teacher validation image->report recall@5 over {distinct} distinct reports: {recall:.3f} "
+    if "image_features" in splits[selection].column_names:
+        recall, recall_chance, distinct = report_recall_at_5(teacher, splits[selection], teacher_trainer.data_collator)
+        logger.info(f"teacher {selection} image->report recall@5 over {distinct} distinct reports: {recall:.3f} "
                     f"(chance {recall_chance:.3f})")
-    teacher_test, teacher_pred = test_metrics(teacher_trainer, splits["test"])
-    warn_if_too_small("teacher", teacher_trainer, teacher_pred, warnings)
-    save(teacher_trainer, processor, output_dir / "teacher")
+    folders = {"teacher": output_dir / "teacher"}
+    predict_and_calibrate("teacher", teacher_trainer, splits, selection, evaluation, folders["teacher"], args)
+    save(teacher_trainer, processor, folders["teacher"])
+    teacher_trainer.state.save_to_json(str(folders["teacher"] / "trainer_state.json"))
+    warn_if_too_small("teacher", teacher_trainer, folders["teacher"], evaluation, warnings)
 
     # 5. Pseudo-reports: each film gets the report of its most similar *training* film (never its own).
     splits = retrieval_pseudo_reports(splits, "pseudo_report", "report")
 
     # 6. Students: pseudo_report and image_only distilled; image_only on labels alone (same seed and steps).
-    students = {}
     runs = (
         ("student_pseudo_report", "pseudo_report", {}),
         ("student", "image_only", {}),
@@ -356,47 +484,81 @@ def main(argv=None) -> int:
             model=student, teacher_model=teacher,
             args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, 2e-3,
                                kd_temperature=2.0, **weights),
-            train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processor,
+            train_dataset=splits["train"], eval_dataset=splits[selection], processing_class=processor,
             compute_metrics=compute_auroc_metrics,
         )
         logger.info(f"training {name} ({'labels only' if weights else 'distilled from the teacher'})")
         trainer.train()
-        metrics, predictions = test_metrics(trainer, splits["test"])
-        warn_if_too_small(name, trainer, predictions, warnings)
-        save(trainer, processor, output_dir / name)
-        students[name] = metrics
+        folders[name] = output_dir / name
+        predict_and_calibrate(name, trainer, splits, selection, evaluation, folders[name], args)
+        save(trainer, processor, folders[name])
+        trainer.state.save_to_json(str(folders[name] / "trainer_state.json"))
+        warn_if_too_small(name, trainer, folders[name], evaluation, warnings)
 
-    # 7. The test table.
-    test_labels = np.asarray(splits["test"]["label"])
+    descriptions = {
+        "teacher": "teacher, film + human report",
+        "student_pseudo_report": "student, film + pseudo-report",
+        "student": "student, film only, distilled",
+        "student_image_only_labels_only": "student, film only, labels only",
+    }
+
+    # 7. Baselines on the same Trainer (examples/run_baseline.py): a ResNet from scratch on the films and a linear
+    # probe on the frozen encoder's features, with the same selection split.
+    if args.baselines:
+        for name, description in run_baselines(args, film_splits, splits, selection, evaluation, id2label, output_dir):
+            folders[name] = output_dir / name
+            descriptions[name] = description
+
+    # 8. The table: temperature and threshold fitted on the selection split (as saved in each config), metrics on
+    # the evaluation split at that threshold (evaluate_triage.py; its plots when matplotlib is installed).
+    from evaluate_triage import evaluate
+
+    evaluation_labels = np.asarray(splits[evaluation]["label"])
     majority = int(np.bincount(np.asarray(splits["train"]["label"])).argmax())
-    rows = [
-        ("teacher, film + human report", teacher_test),
-        ("student, film + pseudo-report", students["student_pseudo_report"]),
-        ("student, film only, distilled", students["student"]),
-        ("student, film only, labels only", students["student_image_only_labels_only"]),
-        (f"majority class ({label_names[majority]})",
-         {"auroc": 0.5, "accuracy": float((test_labels == majority).mean())}),
-    ]
-    table = [f"test split ({len(test_labels)} studies)                 AUROC  accuracy"]
-    table += [f"  {name:<40} {m['auroc']:.3f}  {m['accuracy']:.3f}" for name, m in rows]
+    majority_accuracy = float((evaluation_labels == majority).mean())
+    try:
+        import matplotlib  # noqa: F401
+
+        plots = True
+    except ImportError:
+        plots = False
+        logger.warning("matplotlib is not installed: no plots (pip install -e '.[eval]' for them)")
+    metrics = evaluate(
+        folders, selection, evaluation, output_dir / "evaluation", rule=args.threshold_rule,
+        target=args.threshold_target, seed=args.seed, plots=plots, descriptions=descriptions,
+        extra_rows=[(f"majority class ({label_names[majority]}), for reference", "0.500 (constant score)",
+                     f"{majority_accuracy:.3f}")],
+        title=f"{evaluation} split ({'synthetic films' if args.data_dir is None else Path(args.data_dir).name})",
+    )
+    width = max(len(d) for d in descriptions.values()) + 2
+    table = [f"{evaluation} split ({len(evaluation_labels)} studies), threshold chosen on {selection} "
+             f"({args.threshold_rule} {args.threshold_target:.2f})",
+             f"  {'':<{width}} AUROC [95% CI]        accuracy  sens   spec   ECE before -> after T"]
+    for name, m in metrics.items():
+        table.append(
+            f"  {descriptions[name]:<{width}} {m['auroc']:.3f} [{m['auroc_ci_low']:.3f}, {m['auroc_ci_high']:.3f}]  "
+            f"{m['accuracy']:.3f}     {m['sensitivity']:.3f}  {m['specificity']:.3f}  "
+            f"{m['ece_before_calibration']:.3f} -> {m['ece']:.3f}")
+    table.append(f"  {'majority class (' + label_names[majority] + ')':<{width}} 0.500                  "
+                 f"{majority_accuracy:.3f}")
     print("\n".join(table), flush=True)
-    (output_dir / "results.json").write_text(json.dumps({name: m for name, m in rows}, indent=1))
+    (output_dir / "results.json").write_text(json.dumps(metrics, indent=1))
     for warning in warnings:
         logger.warning(f"WARNING {warning}")
 
-    # 8. A fresh Python process reloads the image-only student with AutoModel and triages films from their pixels.
+    # 9. A fresh Python process reloads the image-only student with AutoModel and triages films from their pixels,
+    # with the temperature and threshold saved in its config.
     folder = output_dir / "student"
-    logger.info(f"fresh process: AutoModel.from_pretrained({folder}) and triage of {len(manifest)} test films")
+    logger.info(f"fresh process: AutoModel.from_pretrained({folder}) and triage of {len(manifest)} {evaluation} films")
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     subprocess.run([sys.executable, "-c", TRIAGE_SCRIPT, str(folder), str(films_dir / "manifest.json")],
                    check=True, env=env)
     logger.info(
-        f"artefacts in {output_dir}/: teacher/, student/ (image-only, distilled), student_pseudo_report/, "
-        f"student_image_only_labels_only/ (model + processor each), results.json, triage_films/, checkpoints/, "
-        f"cache/; total {time.perf_counter() - started:.0f} s"
+        f"artefacts in {output_dir}/: {', '.join(f + '/' for f in folders)} (model + processor + predictions_*.npz + "
+        f"trainer_state.json each), evaluation/ (metrics.json, table.md{', PNGs' if plots else ''}), results.json, "
+        f"triage_films/, checkpoints/, cache/; total {time.perf_counter() - started:.0f} s"
     )
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
