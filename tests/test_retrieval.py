@@ -21,7 +21,8 @@ def test_recall_at_k_hand_values():
     assert out["image_to_text_recall@2"] == pytest.approx(2 / 3)
     assert out["image_to_text_recall@3"] == pytest.approx(1.0)
     assert out["image_to_text_median_rank"] == 2.0
-    assert out["image_to_text_chance@1"] == pytest.approx(1 / 4) and out["image_to_text_chance@2"] == pytest.approx(2 / 4)
+    assert out["image_to_text_chance@1"] == pytest.approx(1 / 4)
+    assert out["image_to_text_chance@2"] == pytest.approx(2 / 4)
     # Text -> image: text 0 ranks images by column 0 (0.9, 0.8, 0.1): image 0 first -> hit@1.
     # Text 1: column (0.1, 0.5, 0.2): image 1 first -> hit@1. Text 2: (0.2, 0.1, 0.3): image 2 first -> hit@1.
     # Text 3 has no matching image: left out.
@@ -89,7 +90,8 @@ def test_teacher_similarity_matches_forward_and_ignores_other_texts(teacher):
 
 
 def test_teacher_similarity_from_cached_features(teacher):
-    features = torch.randn(5, NUM_IMAGE_TOKENS, teacher.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(5, NUM_IMAGE_TOKENS, teacher.config.vision_config.hidden_size, generator=generator)
     _, input_ids, attention_mask, _ = report_batch()
     similarity = teacher_similarity_matrix(teacher, features, input_ids, attention_mask, batch_size=2)
     with torch.no_grad():

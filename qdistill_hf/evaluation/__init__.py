@@ -3,7 +3,8 @@
 ```python
 >>> from qdistill_hf.evaluation import compute_triage_metrics, make_compute_metrics
 >>> metrics = compute_triage_metrics(labels, probabilities, threshold=model.config.decision_threshold)
->>> trainer = Trainer(..., compute_metrics=make_compute_metrics(), args=TrainingArguments(metric_for_best_model="auroc"))
+>>> args = TrainingArguments(..., metric_for_best_model="auroc", load_best_model_at_end=True)
+>>> trainer = Trainer(..., args=args, compute_metrics=make_compute_metrics())
 ```
 """
 

@@ -40,17 +40,13 @@ logger = logging.getLogger(__name__)
 SUM_TOLERANCE = 1e-4
 _OPERATING_TOLERANCE = 1e-12
 SKIPPED_WARNING_FRACTION = 0.10
-_BINARY_ONLY_KEYS = (
-    "sensitivity",
-    "specificity",
-    "average_precision",
+_OPERATING_POINT_KEYS = (
     "sensitivity_at_90_specificity",
     "sensitivity_at_95_specificity",
     "specificity_at_90_sensitivity",
     "specificity_at_95_sensitivity",
-    "n_positive",
-    "prevalence",
 )
+_BINARY_ONLY_KEYS = ("sensitivity", "specificity", "average_precision", *_OPERATING_POINT_KEYS, "n_positive", "prevalence")
 # Keys of the flat Trainer dict that describe the call rather than the model.
 _SETTINGS_KEYS = ("confidence", "n_bootstrap", "n_bootstrap_skipped", "seed", "stratified", "n_bins")
 
@@ -95,7 +91,9 @@ def _as_probabilities(probabilities, n_labels: int, labels_shape) -> np.ndarray:
     inside = inside if inside.ndim == 1 else inside.all(axis=1)
     if not inside.all():
         row = int(np.flatnonzero(~inside)[0])
-        raise ValueError(f"`probabilities` row {row} lies outside [0, 1] ({array[row].tolist()}); pass probabilities, not logits.")
+        raise ValueError(
+            f"`probabilities` row {row} lies outside [0, 1] ({array[row].tolist()}); pass probabilities, not logits."
+        )
     if array.ndim == 2:
         sums = array.sum(axis=1)
         bad = np.flatnonzero(np.abs(sums - 1.0) > SUM_TOLERANCE)
@@ -391,7 +389,7 @@ def compute_triage_metrics(
 
     ranked_keys = ["auroc", "auroc_ci_low", "auroc_ci_high"]
     if binary:
-        ranked_keys += ["average_precision", *_BINARY_ONLY_KEYS[3:7]]
+        ranked_keys += ["average_precision", *_OPERATING_POINT_KEYS]
     if single_class:
         for key in ranked_keys:
             out[key] = math.nan
@@ -405,7 +403,9 @@ def compute_triage_metrics(
             constant = np.ptp(probabilities) == 0
         else:
             out["auroc"] = float(
-                roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=list(range(num_classes)))
+                roc_auc_score(
+                    labels, probabilities, multi_class="ovr", average="macro", labels=list(range(num_classes))
+                )
             )
             constant = bool((np.ptp(probabilities, axis=0) == 0).all())
         if constant:
