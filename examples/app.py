@@ -40,6 +40,7 @@ FILM_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 RESULT_ID = "triage-result"
 VERDICT_ID = "triage-verdict"
+ERROR_ID = "triage-error"
 ATTENTION_ID = "attention-map"
 FILM_INPUT_ID = "film-upload"
 
@@ -150,54 +151,14 @@ def load_triage(model_folder: str | os.PathLike) -> Callable[[Any], dict]:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {folder} (no config.json). Run `make demo` first, or pass "
                                 "--model with a folder written by save_pretrained.")
-    import qdistill_hf  # noqa: F401  (registers the Auto classes and the "cxr-triage" task)
-
-    try:
-        from qdistill_hf.models.pipeline_qdistill import CXR_TRIAGE_TASK
-    except ImportError:
-        logger.warning("qdistill_hf.models.pipeline_qdistill is not installed: using the interim adapter")
-        return _interim_triage(folder)
     from transformers import pipeline
+
+    from qdistill_hf import CXR_TRIAGE_TASK  # importing qdistill_hf registers the Auto classes and the task
 
     pipe = pipeline(CXR_TRIAGE_TASK, model=str(folder))
 
     def triage(film) -> dict:
         return pipe(film, return_attention_map=True)
-
-    return triage
-
-
-def _interim_triage(folder: Path) -> Callable[[Any], dict]:
-    """TEMPORARY stand-in for the `cxr-triage` pipeline until it lands (same keys, the model's own triage methods)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModel
-
-    model = AutoModel.from_pretrained(folder).eval()
-    processor = AutoImageProcessor.from_pretrained(folder)
-
-    def triage(film) -> dict:
-        inputs = processor(images=[film], return_tensors="pt")
-        with torch.no_grad():
-            output = model(pixel_values=inputs["pixel_values"], output_attentions=True)
-        probabilities = model.triage_probabilities(output.logits)
-        decision = int(model.triage_decisions(probabilities)[0])
-        weights = output.cross_attentions[-1][0].float().mean(dim=(0, 1))[1:]
-        grid = int(round(weights.numel() ** 0.5))
-        heat = weights.reshape(grid, grid).numpy()
-        heat = (255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
-        size = _display_film(film).size
-        threshold = model.config.decision_threshold
-        return {
-            "label": model.config.id2label[decision],
-            "probability": float(probabilities[0, 1]),
-            "threshold": 0.5 if threshold is None else threshold,
-            "threshold_source": "default 0.5: not calibrated" if threshold is None else model.config.decision_rule,
-            "scores": {model.config.id2label[i]: float(p) for i, p in enumerate(probabilities[0])},
-            "warnings": [],
-            "attention_map": Image.fromarray(heat, mode="L").resize(size, Image.BILINEAR),
-        }
 
     return triage
 
@@ -299,7 +260,7 @@ def calibration_note(model_folder: str | os.PathLike) -> str:
 
 
 def error_html(message: str) -> str:
-    return f'<div class="qd-card"><div class="qd-empty" id="triage-error">{html.escape(message)}</div></div>'
+    return f'<div class="qd-card"><div class="qd-warning" id="{ERROR_ID}">{html.escape(message)}</div></div>'
 
 
 EMPTY_HTML = '<div class="qd-card"><div class="qd-empty">Upload a film to triage it.</div></div>'
@@ -396,6 +357,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes of the local server
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     app = build_app(args.model)
     logger.info(f"serving {args.model} on http://{args.host}:{args.port}")
     launch(app, args.port, args.host)

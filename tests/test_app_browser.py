@@ -5,6 +5,7 @@ drives the system Chromium through `executable_path`; its own browser download i
 Set QDISTILL_SCREENSHOT_DIR to keep the page's screenshot outside the test's tmp_path.
 """
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -19,7 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from qdistill_hf import QDistillImageProcessor, QDistillProcessor, QDistillStudentModel, train_report_tokenizer
+from transformers import pipeline
+
+from qdistill_hf import (
+    CXR_TRIAGE_TASK,
+    QDistillImageProcessor,
+    QDistillProcessor,
+    QDistillStudentModel,
+    train_report_tokenizer,
+)
 from tiny_models import student_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,21 +150,15 @@ def test_read_film_names_the_file_it_cannot_read(tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser installed (apt-get install chromium; .ci/run does)")
 def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
-    pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
+    if importlib.util.find_spec("gradio") is None:  # find_spec: importing gradio here would only cost seconds
+        pytest.skip("the app extra is not installed (pip install -e '.[app]')")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the app extra is not installed (playwright)")
     app = _import_app()
     film_path = _film(tmp_path / "film.png")
     folder, expected = _student_folder(tmp_path, Image.open(film_path))
     dicom_path = _dicom_film(tmp_path / "film.dcm") if app.dicom_supported() else None
 
-    # What the triage gives in-process for the same films (the app's own entry point to the pipeline).
-    triage = app.load_triage(folder)
-    in_process = triage(app.read_film(film_path)[0])
-    assert in_process["label"] == expected["label"]
-    assert in_process["probability"] == pytest.approx(expected["probability"], abs=1e-6)
-    assert in_process["threshold"] == pytest.approx(expected["threshold"])
-    in_process_dicom = triage(app.read_film(dicom_path)[0]) if dicom_path else None
-
+    # The server starts in its own process while this one asks the pipeline for the reference answers.
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
@@ -163,6 +166,14 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
     server = subprocess.Popen([sys.executable, str(EXAMPLES / "app.py"), "--model", str(folder), "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        # What the cxr-triage pipeline gives in-process for the same films.
+        triage = pipeline(CXR_TRIAGE_TASK, model=str(folder))
+        in_process = triage(app.read_film(film_path)[0])
+        assert in_process["label"] == expected["label"]
+        assert in_process["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert in_process["threshold"] == pytest.approx(expected["threshold"])
+        in_process_dicom = triage(app.read_film(dicom_path)[0]) if dicom_path else None
+
         _wait_until_serving(url, server)
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
@@ -174,6 +185,15 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
                 shown = _upload_and_read(page, app, url, film_path, screenshot)
                 if dicom_path:
                     shown_dicom = _upload_and_read(page, app, url, dicom_path, tmp_path / "app_dicom.png")
+                # A file that is no film: the page says so and names it, instead of a verdict.
+                not_a_film = tmp_path / "notes.png"
+                not_a_film.write_text("not a film")
+                page.goto(url)
+                page.locator(f"#{app.FILM_INPUT_ID} input[type=file]").set_input_files(str(not_a_film))
+                error = page.locator(f"#{app.ERROR_ID}")
+                error.wait_for(timeout=30_000)
+                error_text = error.inner_text()
+                verdicts_after_error = page.locator(f"#{app.VERDICT_ID}").count()
             finally:
                 browser.close()
     finally:
@@ -190,6 +210,7 @@ def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
         assert shown_dicom["label"] == in_process_dicom["label"]
         assert f"p(urgent) = {in_process_dicom['probability']:.3f}" in shown_dicom["card"]
         assert "DICOM MONOCHROME2, 12-bit, 60x52, VOI: window C 2000 / W 2400" in shown_dicom["card"]
+    assert "notes.png: not a readable PNG/JPEG film" in error_text and verdicts_after_error == 0
     # Everything the page asked for came from the local server (no web fonts, no CDN, no analytics).
     outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
     assert requested and outside == []
