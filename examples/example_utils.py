@@ -492,12 +492,46 @@ def load_predictions(path: str | Path) -> dict:
     return out
 
 
+def calibrate_on_validation(trainer, splits, output_dir, *, rule: str = "sensitivity", target: float = 0.90):
+    """Predictions of the kept model on every evaluation split, then its operating point from the validation split.
+
+    Writes `predictions_<split>.npz` (`save_predictions`) for `validation` and `test` when present, then runs
+    `qdistill_hf.evaluation.calibrate_model` on the *validation* logits only: temperature scaling and the threshold
+    reaching `target` sensitivity (by default) are stored in `trainer.model.config` (`calibration_temperature`,
+    `decision_threshold`, `decision_rule`), so the `save_model` that follows carries them and the pipelines use them.
+
+    Returns:
+        `calibrate_model`'s summary, or `None` without a validation split (nothing calibrated; a warning says so).
+    """
+    import numpy as np
+
+    from qdistill_hf.evaluation import calibrate_model
+
+    logits = {}
+    for name in ("validation", "test"):
+        if name not in splits:
+            continue
+        output = trainer.predict(splits[name], metric_key_prefix=f"predict_{name}")
+        raw = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labels = np.asarray(splits[name]["label"], dtype=np.int64)
+        logits[name] = raw
+        if trainer.is_world_process_zero():
+            path = save_predictions(output_dir, name, splits[name]["study_id"], labels, raw)
+            logger.info(f"Predictions written to {path}")
+    if "validation" not in logits:
+        logger.warning("No validation split: the model keeps calibration_temperature 1 and the argmax decision.")
+        return None
+    return calibrate_model(trainer.model, logits["validation"], splits["validation"]["label"], rule=rule,
+                           target=target, split="validation")
+
+
 def model_sizes(model_args, names: Sequence[str]) -> dict:
     """The `names` fields of `model_args` that were given (not `None`), as config keyword arguments."""
     return {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
 
 
 __all__ = [
+    "calibrate_on_validation",
     "CONFIG_FILE_SUFFIXES",
     "DataArguments",
     "DatasetName",

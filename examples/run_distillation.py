@@ -37,6 +37,7 @@ from typing import Literal
 
 from example_utils import (
     DataArguments,
+    calibrate_on_validation,
     cache_features,
     disable_trainer_push,
     finish,
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 10. Train.
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # 11a. Predictions of the kept model (predictions_<split>.npz, for evaluate_triage.py), then temperature and
+    # threshold fitted on validation (90% sensitivity) and stored in the config that `finish` saves.
+    calibrate_on_validation(trainer, splits, training_args.output_dir)
 
     # 11. Save, evaluate on validation and test, log and save metrics; push to the Hub or write a model card.
     kwargs = {"finetuned_from": str(Path(training_args.teacher_model_name_or_path)), "tasks": "image-classification",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -263,6 +264,12 @@ def _assert_saved_model(folder, model_type):
     model = AutoModel.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
     assert model.config.model_type == model_type and type(processor).__name__ == "QDistillProcessor"
+    # Operating point fitted on validation and saved with the model; predictions for evaluate_triage.py.
+    assert model.config.calibration_temperature > 0 and 0.0 < model.config.decision_threshold < 1.0
+    assert model.config.decision_rule.startswith("sensitivity >= 0.90 on validation (n=16")
+    for split in ("validation", "test"):
+        with np.load(folder / f"predictions_{split}.npz") as predictions:
+            assert predictions["logits"].shape == (16, 2) and len(predictions["study_ids"]) == 16
     return model, processor
 
 
