@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qdistill_hf import QDistillImageProcessor, QDistillStudentModel
+from qdistill_hf import QDistillImageProcessor, QDistillProcessor, QDistillStudentModel, train_report_tokenizer
 from qdistill_hf.data.dicom import read_dicom_film
 from qdistill_hf.reports.resumable import read_jsonl
 from qdistill_hf.sharing.triage_folder import ERROR_COLUMNS, OUTPUT_COLUMNS, main
@@ -21,11 +21,22 @@ from test_dicom import write_dicom
 from tiny_models import student_config
 
 
-def _save_student(folder, threshold=None, text_mode="image_only"):
+def _tokenizer():
+    texts = ["no acute findings", "large right pleural effusion", "normal heart size", "small pneumothorax"]
+    return train_report_tokenizer(texts * 3, vocab_size=80, min_frequency=1, model_max_length=40)
+
+
+def _save_student(folder, threshold=None, text_mode="image_only", full_processor=False):
+    """A tiny student with its image processor alone, or (`full_processor`, as the demo and Trainers save it) with
+    the whole processor, whose image settings then live in processor_config.json."""
     torch.manual_seed(0)
     model = QDistillStudentModel(student_config(text_mode=text_mode, decision_threshold=threshold)).eval()
     model.save_pretrained(folder)
-    QDistillImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
+    image_processor = QDistillImageProcessor(size={"height": 30, "width": 30})
+    if full_processor:
+        QDistillProcessor(image_processor=image_processor, tokenizer=_tokenizer()).save_pretrained(folder)
+    else:
+        image_processor.save_pretrained(folder)
     return model
 
 
@@ -109,7 +120,8 @@ def test_folder_of_mixed_films_matches_the_model_at_its_operating_point(films, t
 
 
 def test_uncalibrated_model_uses_argmax_and_says_so(films, tmp_path, caplog):
-    model = _save_student(tmp_path / "student")
+    model = _save_student(tmp_path / "student", full_processor=True)
+    assert not (tmp_path / "student" / "preprocessor_config.json").exists()
     single = tmp_path / "single"
     single.mkdir()
     for name in ("a_grey.png", "sub/f_nested.png"):
@@ -147,13 +159,28 @@ def test_csv_worklist_paths_stay_in_its_folder(films, tmp_path, capsys):
     assert [r[0] for r in _read_csv(tmp_path / "res2.csv")[1]] == ["one.png", "../outside.png"]
 
 
-def test_pseudo_report_student_needs_reports(tmp_path, capsys):
-    _save_student(tmp_path / "student", text_mode="pseudo_report")
+def test_pseudo_report_student_reads_reports_and_refuses_without(tmp_path, capsys):
+    model = _save_student(tmp_path / "student", text_mode="pseudo_report", full_processor=True)
     _png(tmp_path / "f.png", 0)
-    assert main(["--model", str(tmp_path / "student"), "--input", str(tmp_path / "f.png"),
-                 "--output", str(tmp_path / "r.csv")]) == 2
+    args = ["--model", str(tmp_path / "student"), "--output", str(tmp_path / "r.csv")]
+    assert main([*args, "--input", str(tmp_path / "f.png")]) == 2
     message = capsys.readouterr().err
     assert "is a pseudo_report student" in message and "Pass --reports" in message
+
+    films = tmp_path / "films"
+    films.mkdir()
+    _png(films / "s1.png", 1)
+    _png(films / "s2.png", 2)
+    (tmp_path / "reports.csv").write_text("study_id,pseudo_report\ns1.png,small pneumothorax\n")
+    assert main([*args, "--input", str(films), "--reports", str(tmp_path / "reports.csv")]) == 1
+    (row,) = _read_csv(tmp_path / "r.csv")[1]
+    processor = QDistillProcessor.from_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        logits = model(**processor(images=[Image.open(films / "s1.png")], text=["small pneumothorax"])).logits
+    assert row[0] == "s1.png" and float(row[2]) == pytest.approx(model.triage_probabilities(logits)[0, 1].item(),
+                                                                   abs=2e-6)
+    (error,) = _read_csv(tmp_path / "r.errors.csv")[1]
+    assert error[0] == "s2.png" and "no pseudo-report" in error[2]
     assert main(["--model", str(tmp_path / "student"), "--input", str(tmp_path / "student" / "config.json"),
                  "--output", str(tmp_path / "r.csv")]) == 2
     assert "neither a worklist CSV" in capsys.readouterr().err

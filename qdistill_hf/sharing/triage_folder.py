@@ -50,6 +50,9 @@ ERROR_COLUMNS = ("study_id", "path", "error")
 PATH_COLUMNS = ("image_path", "path")
 REPORT_COLUMNS = ("pseudo_report", "report")
 MERGED_NAME = "triage.jsonl"
+# transformers 5 writes the image processor's settings to processor_config.json when a whole processor is saved, to
+# preprocessor_config.json when the image processor is saved alone.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 UNCALIBRATED_THRESHOLD = 0.5
 # Per-film failures: recorded in the errors list, retried on the next run. Anything else is a bug and stops the run.
 FILM_ERRORS = (OSError, ValueError, ImportError)
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Details: python -c 'import qdistill_hf.sharing.triage_folder as m; help(m)'",
     )
-    parser.add_argument("--model", required=True, help="student folder (config.json, weights, preprocessor_config.json)")
+    parser.add_argument("--model", required=True, help="student folder (config.json, weights and the saved processor)")
     parser.add_argument("--input", required=True, help="folder of films, one film, or CSV (.csv, .csv.gz) with an "
                         "image_path (or path) column")
     parser.add_argument("--output", required=True, help="CSV to write (study_id,label,probability,threshold)")
@@ -197,8 +200,8 @@ class TriageModel:
     """A student, its processor and its operating point, loaded from a folder for batched inference.
 
     Args:
-        model_dir: the student folder (config, weights, ``preprocessor_config.json``; tokenizer files too for a
-            ``pseudo_report`` student).
+        model_dir: the student folder (config, weights, the saved processor: ``processor_config.json`` or
+            ``preprocessor_config.json``; tokenizer files too for a ``pseudo_report`` student).
         device: ``"auto"`` or a torch device name.
         reports: ``study_id -> pseudo-report`` (required for a ``pseudo_report`` student, refused otherwise).
 
@@ -238,8 +241,9 @@ class TriageModel:
             raise ValueError(f"--reports given, but --model {model_dir} is an {self.text_mode} student that reads no "
                              "text")
         self.reports = reports
-        if not (self.model_dir / "preprocessor_config.json").is_file():
-            raise ValueError(f"--model {model_dir}: no preprocessor_config.json; save the image processor with the "
+        processor_files = [name for name in PROCESSOR_FILES if (self.model_dir / name).is_file()]
+        if not processor_files:
+            raise ValueError(f"--model {model_dir}: no {' or '.join(PROCESSOR_FILES)}; save the processor with the "
                              "model (processor.save_pretrained(folder)) so films are prepared as in training")
         if self.text_mode == "pseudo_report":
             self.processor = QDistillProcessor.from_pretrained(model_dir)
@@ -260,7 +264,7 @@ class TriageModel:
                            "(threshold %.1f), an uncalibrated operating point; choose one on validation data "
                            "(qdistill_hf.evaluation) and save it in the config", model_dir, UNCALIBRATED_THRESHOLD)
         files = [p for p in sorted(self.model_dir.iterdir()) if p.is_file()
-                 and (p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "preprocessor_config.json"))]
+                 and (p.suffix in (".safetensors", ".bin") or p.name in ("config.json", *PROCESSOR_FILES))]
         self.run_info = {"task": "qdistill-triage", "model": str(self.model_dir.resolve()),
                          "model_sha256": fingerprint(files)}
 
