@@ -2,7 +2,8 @@
 
     python examples/demo.py                                   # embedded synthetic films, writes outputs/demo/
     python examples/demo.py --num_train 300 --student_epochs 5  # quicker; warns when too small to learn
-    python examples/demo.py --data_dir ../shared/data/cxr-paired  # the same pipeline on a qdistill_folder dataset
+    python examples/demo.py --data_dir ../shared/data/cxr-paired --baselines --teacher_epochs 16 \
+        --output_dir outputs/real                             # the real-data table of examples/README.md
     python examples/demo.py --vision_model chexzero-vit-b32   # a converted CheXzero folder as the frozen encoder
 
 Steps: prepare the data -> train the report tokenizer on the train split -> cache the frozen encoder's features ->
@@ -10,23 +11,34 @@ train the teacher on film + human report with `QDistillTeacherTrainer` (ITC + IT
 give every film the report of its most similar *training* film (retrieval pseudo-reports, never its own) -> distil
 two students from the frozen teacher with `QDistillDistillationTrainer` (`pseudo_report`: film + retrieved report;
 `image_only`: the film alone) -> train the same image-only student on the labels alone (same seed and steps,
-distillation weights 0) -> evaluate everything on the test split -> save the teacher and the students with their
-processor -> reload the image-only student with `AutoModel.from_pretrained` in a fresh Python process and triage a
-few test films from their pixels.
+distillation weights 0) -> with `--baselines`, `run_baseline.py`'s ResNet from scratch and linear probe on the frozen
+features -> the table -> reload the image-only student with `AutoModel.from_pretrained` in a fresh Python process and
+triage a few evaluation films from their pixels at its saved operating point.
 
-Every Trainer evaluates on validation each epoch and keeps its best checkpoint by a validation metric
-(`load_best_model_at_end=True`): AUROC for the students, the validation loss for the teacher (whose AUROC from reading
-the report is 1.0 from the first epoch); the test split is used only for the final table.
+Three splits with three jobs. `train` fits the weights. The **selection** split (`validation` of the synthetic data)
+chooses each run's checkpoint (`load_best_model_at_end=True`: AUROC for the students and baselines, the validation
+loss for the teacher, whose AUROC from reading the report is 1.0 from the first epoch), fits its temperature and
+chooses its operating threshold (`calibrate_model`, default: the highest threshold reaching 90% sensitivity,
+`--threshold_rule` / `--threshold_target`); both are saved in the model's config, so `AutoModel`, the pipelines and
+the worklist CLI use them. The **evaluation** split (`test`) only feeds the table: AUROC with a bootstrap 95% CI,
+accuracy, sensitivity and specificity at the selection threshold, ECE before and after temperature scaling
+(`evaluate_triage.py`, which also draws the ROC, reliability, confusion-matrix and training-curve PNGs).
+
+Every model folder gets `predictions_<selection>.npz` / `predictions_<evaluation>.npz` (study_ids, labels, raw
+logits) and `trainer_state.json`; `outputs/demo/evaluation/` holds metrics.json (`{model: metrics}`), table.md and the
+PNGs; `outputs/demo/results.json` is the same metrics.json.
 
 Without `--vision_model` the frozen encoder is a small randomly initialised CLIP ViT with CheXzero's geometry
 (224 px, patch 32, 50 tokens; `run_teacher.stand_in_encoder`): CheXzero's weights cannot be downloaded here. A random
 frozen encoder still carries the drawn findings, so the numbers are about this pipeline on synthetic data, not about
 real radiographs.
 
-`--data_dir` reads a `qdistill_folder` dataset with classes (normal, abnormal). Such a folder may have only train and
-validation splits (../shared/data/cxr-paired does): the demo then carves a test split out of validation, by patient
-(the study id up to its last `_`, e.g. `nih00000003` for `nih00000003_000`), deterministically: a patient goes to
-test when the first byte of the MD5 of its id is odd. A patient's films never straddle validation and test.
+`--data_dir` reads a `qdistill_folder` dataset with classes (normal, abnormal). With a test split, validation selects
+and test evaluates. With only train and validation (../shared/data/cxr-paired), the demo carves a `selection` split
+out of *train*, by patient (the study id up to its last `_`, e.g. `nih00000003` for `nih00000003_000`),
+deterministically: a patient goes to selection when the first byte of the MD5 of its id is divisible by 4 (about a
+quarter of the patients). The untouched `validation` split is then the evaluation split: nothing is trained, chosen
+or tuned on it. A patient's films never straddle train and selection.
 """
 
 import argparse
