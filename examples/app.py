@@ -59,9 +59,9 @@ CSS = """
 #triage-result .qd-mark span {position: absolute; top: 30px; left: -60px; width: 120px; text-align: center;
   font-size: .8rem; color: #1f2328; white-space: nowrap;}
 #triage-result .qd-scale {position: absolute; top: 26px; font-size: .75rem; color: #4a525c;}
-#triage-result table {border-collapse: collapse; margin-top: 6px; font-size: .9rem; border: none;}
-#triage-result td, #triage-result th {padding: 2px 14px 2px 0; text-align: left; border: none !important;
-  border-bottom: 1px solid #e3e6ea !important; background: transparent;}
+#triage-result .qd-scores {display: grid; grid-template-columns: max-content max-content; column-gap: 18px;
+  row-gap: 2px; margin-top: 8px; font-size: .9rem; color: #1f2328;}
+#triage-result .qd-scores .qd-head {font-weight: 600; border-bottom: 1px solid #c9ced6;}
 #triage-result .qd-empty {color: #4a525c; font-size: 1rem;}
 #triage-result .qd-warning {color: #8a5300; background: #fff4e0; border-radius: 4px; padding: 3px 6px; margin: 4px 0;
   font-size: .9rem;}
@@ -189,7 +189,9 @@ def _as_pil(picture):
 def attention_overlay(film_rgb, attention, strength: float = 0.6):
     """The attention map (mode "L", 255 = most attended) in a black-red-yellow scale, blended over the film.
 
-    Display only: opacity grows with attention, so weakly attended regions show the film unchanged.
+    Display only: the map is stretched from its least to its most attended pixel (a nearly uniform map would
+    otherwise tint the whole film) and opacity grows with attention, so the least attended regions show the film
+    unchanged.
     """
     import numpy as np
     from PIL import Image
@@ -199,7 +201,9 @@ def attention_overlay(film_rgb, attention, strength: float = 0.6):
         return None
     if attention.size != film_rgb.size:
         attention = attention.resize(film_rgb.size, Image.BILINEAR)
-    heat = np.asarray(attention.convert("L"), dtype=np.float32) / 255.0
+    heat = np.asarray(attention.convert("L"), dtype=np.float32)
+    spread = float(heat.max() - heat.min())
+    heat = (heat - heat.min()) / spread if spread > 0 else np.zeros_like(heat)
     colour = np.stack([np.clip(3 * heat, 0, 1), np.clip(3 * heat - 1, 0, 1), np.clip(3 * heat - 2, 0, 1)], -1) * 255
     alpha = strength * heat[..., None]
     base = np.asarray(film_rgb, dtype=np.float32)
@@ -226,7 +230,7 @@ def result_html(result: dict, film_name: str, film_description: str = "") -> str
         score_items = list(scores.items())
     else:  # a list of {"label", "score"} dicts, as transformers' classification pipelines return
         score_items = [(item["label"], item["score"]) for item in scores]
-    rows = "".join(f"<tr><td>{html.escape(str(name))}</td><td>{float(score):.3f}</td></tr>"
+    rows = "".join(f"<span>{html.escape(str(name))}</span><span>{float(score):.3f}</span>"
                    for name, score in score_items)
     warnings = "".join(f'<div class="qd-warning">&#9888; {html.escape(str(message))}</div>'
                        for message in result.get("warnings") or [])
@@ -243,7 +247,8 @@ def result_html(result: dict, film_name: str, film_description: str = "") -> str
         f'<div class="qd-small"><b>Film:</b> {html.escape(film_name)}'
         f'{" &middot; " + html.escape(film_description) if film_description else ""}</div>'
         f"{warnings}"
-        f"<table><tr><th>class</th><th>calibrated probability</th></tr>{rows}</table>"
+        f'<div class="qd-scores"><span class="qd-head">class</span><span class="qd-head">calibrated probability'
+        f"</span>{rows}</div>"
         f"</div>"
     )
 
@@ -320,8 +325,8 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
             "(fitted on the validation split; T = 1 means no calibration was fitted); the label compares it with "
             "the operating threshold saved with the model (0.5 when none is saved). "
             "The attention map is the student's last cross-attention layer, averaged over its queries and heads, "
-            "on the frozen encoder's patch grid and mapped back onto the film: red to yellow = more attention, "
-            "film unchanged = little. It shows where the model looked, not a segmentation of a finding."
+            "on the frozen encoder's patch grid and mapped back onto the film, shown from its least attended "
+            "region (film unchanged) to its most attended (yellow), through red. It shows where the model looked, not a segmentation of a finding."
         )
         upload.change(run, inputs=upload, outputs=[result, film, attention])
     return app
