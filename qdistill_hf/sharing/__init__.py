@@ -1,1 +1,6 @@
 """Using and sharing a trained model: the model card and the worklist CLI (`qdistill-triage`)."""
+
+from .model_card import CARD_METRICS, build_model_card, load_evaluation, push_folder_to_hub, save_for_hub
+
+
+__all__ = ["CARD_METRICS", "build_model_card", "load_evaluation", "push_folder_to_hub", "save_for_hub"]
