@@ -235,3 +235,21 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path):
     for ref, got in zip(reference, resumed):
         assert got[1] == ref[1] and got[3] == ref[3]
         assert float(got[2]) == pytest.approx(float(ref[2]), abs=2e-6)
+
+
+def test_shards_then_a_final_run_write_every_film_once(tmp_path):
+    _save_student(tmp_path / "student", threshold=0.5)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i in range(5):
+        _png(folder / f"f{i}.png", 200 + i)
+    common = ["--model", str(tmp_path / "student"), "--input", str(folder), "--output", str(tmp_path / "r.csv")]
+    assert main([*common, "--rank", "0", "--world_size", "2"]) == 0
+    assert not (tmp_path / "r.csv").exists()  # a shard writes parts only
+    assert main([*common, "--rank", "1", "--world_size", "2"]) == 0
+    parts = tmp_path / "r.work" / "parts"
+    assert [len(read_jsonl(parts / f"part-0000{r}-of-00002.jsonl")) for r in (0, 1)] == [3, 2]
+    assert main(common) == 0  # merges; redoes nothing
+    assert read_jsonl(parts / "part-00000-of-00001.jsonl") == []
+    assert [r[0] for r in _read_csv(tmp_path / "r.csv")[1]] == [f"f{i}.png" for i in range(5)]
+    assert main([*common, "--rank", "0"]) == 2  # --rank without --world_size
