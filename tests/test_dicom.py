@@ -86,6 +86,25 @@ def test_signed_pixels_with_a_window(tmp_path):
     np.testing.assert_allclose(pixels, [[0.0, 0.0025, 0.5025], [0.7525, 0.9975, 1.0]], atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "function, expected",
+    [
+        # LINEAR_EXACT (C.11.2.1.3.2): (x - c) / w + 0.5, clipped; c = 1000, w = 400: 700 -> 0, 900 -> 0.25,
+        # 1000 -> 0.5, 1100 -> 0.75, 1200 -> 1 (x > c + w/2 only above), 1300 -> 1.
+        ("LINEAR_EXACT", [[0.0, 0.25, 0.5], [0.75, 1.0, 1.0]]),
+        # SIGMOID (C.11.2.1.3.1): 1 / (1 + exp(-4 (x - c) / w)): 700 -> 1/(1+e^3), 900 -> 1/(1+e), 1000 -> 0.5, ...
+        ("SIGMOID", [[1 / (1 + np.e**3), 1 / (1 + np.e), 0.5], [1 / (1 + np.e**-1), 1 / (1 + np.e**-2),
+                                                                1 / (1 + np.e**-3)]]),
+    ],
+)
+def test_voi_lut_functions(tmp_path, function, expected):
+    stored = np.array([[700, 900, 1000], [1100, 1200, 1300]])
+    path = write_dicom(tmp_path / "f.dcm", stored, WindowCenter=1000, WindowWidth=400, VOILUTFunction=function)
+    pixels, meta = read_dicom_film(path)
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+    assert meta["voi_lut_function"] == function
+
+
 def test_without_window_min_max_keeps_full_precision(tmp_path):
     stored = np.array([[100, 1000, 1001], [1002, 4000, 4095]])
     pixels, meta = read_dicom_film(write_dicom(tmp_path / "raw.dcm", stored))
