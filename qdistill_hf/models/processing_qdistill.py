@@ -611,11 +611,17 @@ def register_processing_auto_classes(config_classes: Iterable[type] = ()) -> Non
     names through their registered extra content. The classes are therefore always registered under the key
     `"qdistill"`, which makes `AutoImageProcessor.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)`
     work on any folder saved by these classes; passing the model config classes also registers them for folders
-    that only carry a `config.json`. Calling this twice is harmless.
+    that only carry a `config.json`. Both classes are also registered for their Auto class, so saved folders carry
+    `processing_qdistill.py` and an `auto_map` (remote code). Calling this twice is harmless.
 
     Args:
         config_classes (`Iterable[type]`, *optional*): model config classes (teacher, student) to map to these classes.
     """
+    # `save_pretrained` then copies this file next to the processor files and writes `auto_map` into
+    # processor_config.json, so AutoProcessor / AutoImageProcessor load them with `trust_remote_code=True` where the
+    # package is not installed.
+    QDistillImageProcessor.register_for_auto_class("AutoImageProcessor")
+    QDistillProcessor.register_for_auto_class("AutoProcessor")
     keys = [_AUTO_REGISTRATION_KEY, *config_classes]
     for key in keys:
         AutoImageProcessor.register(key, image_processor_classes={"pil": QDistillImageProcessor}, exist_ok=True)
