@@ -253,3 +253,16 @@ def test_shards_then_a_final_run_write_every_film_once(tmp_path):
     assert read_jsonl(parts / "part-00000-of-00001.jsonl") == []
     assert [r[0] for r in _read_csv(tmp_path / "r.csv")[1]] == [f"f{i}.png" for i in range(5)]
     assert main([*common, "--rank", "0"]) == 2  # --rank without --world_size
+
+
+def test_rerun_with_another_model_into_the_same_output_is_refused(tmp_path, capsys):
+    _save_student(tmp_path / "student", threshold=0.5)
+    _save_student(tmp_path / "other", threshold=0.3)
+    _png(tmp_path / "f.png", 0)
+    common = ["--input", str(tmp_path / "f.png"), "--output", str(tmp_path / "r.csv")]
+    assert main(["--model", str(tmp_path / "student"), *common]) == 0
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "other"), *common]) == 2
+    message = capsys.readouterr().err
+    assert "outputs of another configuration" in message and "model" in message
+    assert _read_csv(tmp_path / "r.csv")[1][0][3] == "0.5"  # the first run's results are untouched
