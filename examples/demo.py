@@ -3,7 +3,7 @@
     python examples/demo.py                                   # embedded synthetic films, writes outputs/demo/
     python examples/demo.py --num_train 300 --student_epochs 5  # quicker; warns when too small to learn
     python examples/demo.py --data_dir ../shared/data/cxr-paired --baselines --teacher_epochs 16 \
-        --output_dir outputs/real                             # the real-data table of examples/README.md
+        --teacher_metric auroc --output_dir outputs/real      # the real-data table of examples/README.md
     python examples/demo.py --vision_model chexzero-vit-b32   # a converted CheXzero folder as the frozen encoder
 
 Steps: prepare the data -> train the report tokenizer on the train split -> cache the frozen encoder's features ->
@@ -107,6 +107,10 @@ def parse_args(argv=None):
                         help="how the operating threshold is chosen on the selection split")
     parser.add_argument("--threshold_target", type=float, default=0.90,
                         help="the rule's target on the selection split (0.90: the threshold reaching 90%% sensitivity)")
+    parser.add_argument("--teacher_metric", choices=("loss", "auroc"), default="loss",
+                        help="the teacher's checkpoint criterion on the selection split: its loss (synthetic reports "
+                             "name the findings, so AUROC is 1.0 from epoch 1), or AUROC (real reports: the ITC/ITM "
+                             "loss can rise while the report-reading AUROC still climbs)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train examples/run_baseline.py's ResNet from scratch and linear probe")
     return parser.parse_args(argv)
@@ -284,9 +288,12 @@ def report_recall_at_5(teacher, split, collator, batch_size: int = EVAL_BATCH_SI
 
 
 def save(trainer, processor, folder: Path) -> None:
+    from qdistill_hf.sharing import save_for_hub
+
     trainer.save_model(str(folder))
-    processor.save_pretrained(str(folder))
-    logger.info(f"saved {type(trainer.model).__name__} + processor to {folder}/")
+    # A stand-alone Hub folder: model + processor with auto_map, the cxr-triage pipeline file, a model card.
+    save_for_hub(trainer.model, processor, folder, training_args=trainer.args)
+    logger.info(f"saved {type(trainer.model).__name__} + processor + cxr-triage pipeline + model card to {folder}/")
 
 
 def run_baselines(args, film_splits, feature_splits, selection: str, evaluation: str, id2label: dict,
@@ -440,7 +447,7 @@ def main(argv=None) -> int:
     teacher.set_image_feature_statistics(*feature_statistics)
     teacher_trainer = QDistillTeacherTrainer(
         model=teacher, args=training_args(args, output_dir / "checkpoints" / "teacher", args.teacher_epochs, 1e-3,
-                                          metric="loss", max_grad_norm=1.0,
+                                          metric=args.teacher_metric, max_grad_norm=1.0,
                                           lr_scheduler_type="constant"),
         train_dataset=splits["train"], eval_dataset=splits[selection], processing_class=processor,
         compute_metrics=compute_auroc_metrics,
@@ -555,6 +562,11 @@ def main(argv=None) -> int:
                  f"{majority_accuracy:.3f}")
     print("\n".join(table), flush=True)
     (output_dir / "results.json").write_text(json.dumps(metrics, indent=1))
+    from qdistill_hf.sharing import write_model_card
+
+    for name in ("teacher", "student_pseudo_report", "student", "student_image_only_labels_only"):
+        write_model_card(folders[name], evaluation=metrics, evaluation_key=name, eval_split=evaluation,
+                         eval_dataset="synthetic" if args.data_dir is None else Path(args.data_dir).name)
     for warning in warnings:
         logger.warning(f"WARNING {warning}")
 
