@@ -7,12 +7,13 @@
 Then open http://127.0.0.1:7860 in a browser on the same machine. The app binds 127.0.0.1 only and talks to nothing
 outside it: no share link, no analytics, no web fonts (system fonts), no server-side rendering process.
 
-What the page shows for one uploaded film (PNG, JPEG, or DICOM when `qdistill_hf.data.dicom` is installed):
+What the page shows for one uploaded film (PNG, JPEG, or DICOM with pydicom: `pip install -e ".[dicom]"`):
 
-- the triage label at the model's stored operating point (`config.decision_threshold`, argmax when none is stored);
+- the triage label at the model's stored operating point (`config.decision_threshold`, 0.5 when none is stored);
 - the calibrated probability of `urgent` (`softmax(logits / config.calibration_temperature)`) on a bar with the
   operating threshold marked, and where that threshold came from (`config.decision_rule`);
-- the attention map of the student's queries over the film.
+- what was read (format, bit depth, size; the window for DICOM) and the pipeline's plausibility warnings;
+- the film as read, and the attention map of the student's queries blended over it.
 
 The triage itself is the `cxr-triage` pipeline's (`qdistill_hf/models/pipeline_qdistill.py`); this file only reads
 the film and lays out the page. Research demo only: not a medical device.
@@ -51,7 +52,8 @@ CSS = """
 #triage-result .qd-routine .qd-verdict {color: #1e6b3a;}
 #triage-result .qd-line {font-size: 1.05rem; margin: 4px 0; color: #1f2328;}
 #triage-result .qd-small {font-size: .9rem; color: #4a525c; margin: 4px 0;}
-#triage-result .qd-bar {position: relative; height: 22px; background: #eceff3; border-radius: 4px; margin: 12px 0 30px 0;}
+#triage-result .qd-bar {position: relative; height: 22px; background: #eceff3; border-radius: 4px;
+  margin: 12px 0 30px 0;}
 #triage-result .qd-fill {position: absolute; left: 0; top: 0; bottom: 0; border-radius: 4px;}
 #triage-result .qd-urgent .qd-fill {background: #d9534f;}
 #triage-result .qd-routine .qd-fill {background: #4c9a6a;}
@@ -326,7 +328,8 @@ def build_app(model_folder: str | os.PathLike = DEFAULT_MODEL, triage: Callable[
             "the operating threshold saved with the model (0.5 when none is saved). "
             "The attention map is the student's last cross-attention layer, averaged over its queries and heads, "
             "on the frozen encoder's patch grid and mapped back onto the film, shown from its least attended "
-            "region (film unchanged) to its most attended (yellow), through red. It shows where the model looked, not a segmentation of a finding."
+            "region (film unchanged) to its most attended (yellow), through red. It shows where the model looked, "
+            "not a segmentation of a finding."
         )
         upload.change(run, inputs=upload, outputs=[result, film, attention])
     return app
@@ -369,6 +372,10 @@ def main(argv=None) -> int:
     logger.info(f"serving {args.model} on http://{args.host}:{args.port}")
     launch(app, args.port, args.host)
     return 0
+
+
+__all__ = ["accepted_suffixes", "attention_overlay", "build_app", "dicom_supported", "launch", "load_triage",
+           "read_film", "result_html"]
 
 
 if __name__ == "__main__":

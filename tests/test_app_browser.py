@@ -148,6 +148,16 @@ def test_read_film_names_the_file_it_cannot_read(tmp_path):
     assert film.size == (48, 40) and description == "PNG L, 48x40"
 
 
+def test_attention_overlay_leaves_the_least_attended_pixels_unchanged():
+    app = _import_app()
+    film = Image.new("RGB", (3, 1), (100, 100, 100))
+    attention = Image.fromarray(np.array([[50, 91, 255]], dtype=np.uint8), mode="L")
+    pixels = np.asarray(app.attention_overlay(film, attention)).astype(int)
+    # Stretched to heat [0, 0.2, 1], opacity 0.6 * heat: 0 -> the film; 0.2 -> 100 * 0.88 + (153, 0, 0) * 0.12;
+    # 1 -> 100 * 0.4 + 255 * 0.6 (white).
+    assert pixels.tolist() == [[[100, 100, 100], [106, 88, 88], [193, 193, 193]]]
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser installed (apt-get install chromium; .ci/run does)")
 def test_app_triages_an_uploaded_film_in_headless_chromium(tmp_path):
     if importlib.util.find_spec("gradio") is None:  # find_spec: importing gradio here would only cost seconds
