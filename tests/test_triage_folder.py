@@ -266,3 +266,21 @@ def test_rerun_with_another_model_into_the_same_output_is_refused(tmp_path, caps
     message = capsys.readouterr().err
     assert "outputs of another configuration" in message and "model" in message
     assert _read_csv(tmp_path / "r.csv")[1][0][3] == "0.5"  # the first run's results are untouched
+
+
+def test_lateral_or_non_chest_dicom_is_triaged_with_a_warning(tmp_path, caplog):
+    _save_student(tmp_path / "student", threshold=0.5)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    write_dicom(folder / "lateral.dcm", rng.integers(0, 4096, (32, 32)), ViewPosition="LL", BodyPartExamined="CHEST")
+    write_dicom(folder / "hand.dcm", rng.integers(0, 4096, (32, 32)), ViewPosition="PA", BodyPartExamined="HAND")
+    write_dicom(folder / "frontal.dcm", rng.integers(0, 4096, (32, 32)), ViewPosition="PA", BodyPartExamined="CHEST")
+    with caplog.at_level("WARNING"):
+        assert main(["--model", str(tmp_path / "student"), "--input", str(folder),
+                     "--output", str(tmp_path / "r.csv")]) == 0
+    assert len(_read_csv(tmp_path / "r.csv")[1]) == 3
+    warned = [r.getMessage() for r in caplog.records if "trained on frontal chest films" in r.getMessage()]
+    assert len(warned) == 2
+    assert any("lateral.dcm: View Position 'LL'" in m for m in warned)
+    assert any("hand.dcm: Body Part Examined 'HAND'" in m for m in warned)

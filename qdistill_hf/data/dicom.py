@@ -103,7 +103,7 @@ def read_dicom_film(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]
         ``photometric_interpretation``, ``bits_stored``, ``modality_lut`` (``"lut"``, ``"rescale"`` or ``"none"``),
         ``voi`` (``"lut"``, ``"window"`` or ``"min_max"``), ``window_center`` / ``window_width`` /
         ``voi_lut_function`` (when windowed), ``inverted`` and, when present, ``study_instance_uid``,
-        ``sop_instance_uid``, ``view_position`` and ``modality``.
+        ``sop_instance_uid``, ``view_position``, ``modality`` and ``body_part_examined``.
 
     Raises:
         ImportError: pydicom is not installed (the message says ``pip install qdistill_hf[dicom]``).
@@ -153,7 +153,8 @@ def read_dicom_film(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]
         "bits_stored": int(ds.get("BitsStored") or stored.dtype.itemsize * 8),
     }
     for key, tag in (("study_instance_uid", "StudyInstanceUID"), ("sop_instance_uid", "SOPInstanceUID"),
-                     ("view_position", "ViewPosition"), ("modality", "Modality")):
+                     ("view_position", "ViewPosition"), ("modality", "Modality"),
+                     ("body_part_examined", "BodyPartExamined")):
         if ds.get(tag) is not None:
             meta[key] = str(ds.get(tag))
 

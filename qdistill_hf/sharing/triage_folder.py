@@ -164,6 +164,34 @@ def read_reports(path: str | os.PathLike) -> dict[str, str]:
     return {sid: row[column] for sid, (_, row) in rows.items()}
 
 
+LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
+
+
+def warn_if_not_frontal_chest(meta: dict[str, Any]) -> bool:
+    """Log a warning when a DICOM film's own tags say it is lateral or not of the chest; the film is still triaged.
+
+    The models learned from frontal (PA/AP) chest films. Only the tags are read (*View Position*, *Body Part
+    Examined*); a film without them gets no warning.
+
+    Args:
+        meta: the metadata of :func:`~qdistill_hf.data.dicom.read_dicom_film`.
+
+    Returns:
+        Whether a warning was logged.
+    """
+    view = meta.get("view_position", "").strip().upper()
+    body = meta.get("body_part_examined", "").strip().upper()
+    problems = []
+    if view in LATERAL_VIEWS:
+        problems.append(f"View Position {view!r} (lateral)")
+    if body and body not in ("CHEST", "THORAX"):
+        problems.append(f"Body Part Examined {body!r}")
+    if problems:
+        logger.warning("%s: %s; the model was trained on frontal chest films, so this result means little",
+                       meta.get("path"), " and ".join(problems))
+    return bool(problems)
+
+
 def load_film(path: str | os.PathLike, min_side: int, high_bit_depth_scaling: str) -> Any:
     """Open one film (image file or DICOM) as the 8-bit PIL image the processor takes; errors name the file.
 
@@ -177,7 +205,8 @@ def load_film(path: str | os.PathLike, min_side: int, high_bit_depth_scaling: st
     path = Path(path)
     name = f"image {path}"
     if path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
-        pixels, _ = read_dicom_film(path)
+        pixels, meta = read_dicom_film(path)
+        warn_if_not_frontal_chest(meta)
         return to_eight_bit_film(pixels, name, high_bit_depth_scaling, min_side)
     return to_eight_bit_film(open_image_file(path), name, high_bit_depth_scaling, min_side)
 
@@ -423,12 +452,16 @@ if __name__ == "__main__":
 __all__ = [
     "ERROR_COLUMNS",
     "OUTPUT_COLUMNS",
+    "DICOM_SUFFIXES",
+    "FILM_SUFFIXES",
+    "LATERAL_VIEWS",
     "TriageModel",
     "build_parser",
     "errors_csv_for",
     "list_folder_films",
     "load_film",
     "main",
+    "warn_if_not_frontal_chest",
     "read_reports",
     "read_worklist_csv",
     "run",
