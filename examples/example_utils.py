@@ -359,7 +359,8 @@ def hub_offline() -> bool:
 
 
 def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_result, kwargs: dict) -> int:
-    """Save the model and processor, log and save train/eval/test metrics, then push or write a model card.
+    """Save the model and processor, log and save train/eval/test metrics, write the stand-alone Hub folder
+    (`qdistill_hf.sharing.save_for_hub`: cxr-triage pipeline, model card), then push it if asked.
 
     Returns:
         `int`: the exit status: 0, or 1 when the push to the Hub failed (the local files are kept).
@@ -375,6 +376,7 @@ def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_r
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
+    evaluation = {}
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split not in splits:
             continue
@@ -383,11 +385,21 @@ def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_r
         metrics[f"{prefix}_samples"] = len(splits[split])
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
+        evaluation = {key[len(prefix) + 1:]: value for key, value in metrics.items()} | {"split": split}
 
-    if not push_to_hub:
-        trainer.create_model_card(**kwargs)
-        return 0
     repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    if trainer.is_world_process_zero():
+        from qdistill_hf.sharing import push_folder_to_hub, save_for_hub
+
+        # The Hub folder (pipeline file, custom_pipelines, model card with model-index from the last split evaluated);
+        # the Trainer's own card would replace ours, so the push below uploads the folder as it is.
+        base = kwargs.get("finetuned_from")
+        save_for_hub(trainer.model, processor, training_args.output_dir, training_args=training_args,
+                     evaluation={"model": evaluation} if evaluation else None, repo_id=repo if push_to_hub else None,
+                     base_model=base, datasets=[kwargs["dataset"]] if kwargs.get("dataset") else None,
+                     tags=kwargs.get("tags") or ())
+    if not push_to_hub or not trainer.is_world_process_zero():
+        return 0
     if hub_offline():
         logger.error(
             f"push_to_hub: HF_HUB_OFFLINE=1, so the Hub cannot be reached and nothing was uploaded to {repo!r}. "
@@ -396,7 +408,8 @@ def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_r
         )
         return 1
     try:
-        trainer.push_to_hub(**kwargs)
+        push_folder_to_hub(training_args.output_dir, repo, token=training_args.hub_token,
+                           private=training_args.hub_private_repo)
     except Exception as error:  # any Hub/network/auth failure: report it, keep the files, exit non-zero
         logger.error(
             f"push_to_hub to {repo!r} failed ({type(error).__name__}: {error}). The model, processor and metrics "

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, pipeline
 
 from qdistill_hf import QDistillProcessor
-from qdistill_hf.sharing import build_model_card, load_evaluation, push_folder_to_hub, save_for_hub
+from qdistill_hf.sharing import build_model_card, load_evaluation, push_folder_to_hub, save_for_hub, write_model_card
 from training_toys import toy_image_processor, toy_student, toy_teacher, toy_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,6 +245,17 @@ def test_model_card_metadata_parses_and_follows_the_evaluation(hub_folders, tmp_
     assert {r.metric_type for r in single.data.eval_results} == {"roc_auc", "accuracy"}
     local = build_model_card(models["image_only"], base_model=str(tmp_path))  # a local path is no Hub id
     assert local.data.base_model is None and f"Trained from: `{tmp_path}`" in local.text
+    # The card is rewritten once the evaluation exists, keeping what the first card said about training.
+    folder = tmp_path / "distilled"
+    args = type("Args", (), {"logit_kd_weight": 1.0, "kd_temperature": 2.0, "supervised_weight": 0.5})()
+    save_for_hub(models["image_only"], _processor(), folder, training_args=args)
+    assert "`supervised_weight` = 0.5, `logit_kd_weight` = 1.0, `kd_temperature` = 2.0" in (folder / "README.md").read_text()
+    write_model_card(folder, evaluation=EVALUATION["labels_only"], eval_dataset="synthetic", eval_split="validation")
+    rewritten = ModelCard.load(folder / "README.md")
+    assert [(r.metric_type, r.metric_value, r.dataset_name, r.dataset_split) for r in rewritten.data.eval_results] == [
+        ("roc_auc", 0.6, "synthetic", "validation")
+    ]
+    assert "`logit_kd_weight` = 1.0" in rewritten.text and "| model (this checkpoint) | synthetic / validation |" in rewritten.text
     path.write_text("{not json")
     with pytest.raises(ValueError, match="evaluation file .*evaluation.json.* is not valid JSON"):
         load_evaluation(path)

@@ -104,7 +104,7 @@ def _format(value) -> str:
     return f"{value:.3f}" if _finite(value) else "n/a"
 
 
-def _evaluation_section(entries: dict, chosen: str | None) -> str:
+def _evaluation_section(entries: dict, chosen: str | None, default_data: str = "not recorded") -> str:
     if not entries:
         return (
             "<!-- EVALUATION: filled from the evaluation JSON (save_for_hub(..., evaluation=...)) -->\n"
@@ -119,7 +119,7 @@ def _evaluation_section(entries: dict, chosen: str | None) -> str:
     for name, m in entries.items():
         ci = (f" ({_format(m.get('auroc_ci_low'))}-{_format(m.get('auroc_ci_high'))})"
               if _finite(m.get("auroc_ci_low")) else "")
-        data = " / ".join(str(m[k]) for k in ("dataset", "split") if m.get(k)) or "not recorded"
+        data = " / ".join(str(m[k]) for k in ("dataset", "split") if m.get(k)) or default_data
         marker = " (this checkpoint)" if name == chosen else ""
         lines.append(
             f"| {name}{marker} | {data} | {_format(m.get('auroc'))}{ci} | {_format(m.get('average_precision'))} | "
@@ -192,6 +192,9 @@ def build_model_card(
     training_args=None,
     compute: str | None = None,
     tags: Sequence[str] = (),
+    eval_dataset: str | None = None,
+    eval_split: str | None = None,
+    training_procedure: str | None = None,
 ) -> ModelCard:
     """
     Build the Hub model card (README.md with YAML metadata) of a Q-DISTILL teacher or student.
@@ -215,6 +218,10 @@ def build_model_card(
         training_args (*optional*): the `QDistillTrainingArguments` used; its distillation weights are listed.
         compute (`str`, *optional*): hardware and time of training.
         tags (`list[str]`, *optional*): extra tags.
+        eval_dataset (`str`, *optional*), eval_split (`str`, *optional*): the data of the evaluation, when its
+            entries carry no `dataset` / `split` (defaults: the first of `datasets` or `"custom"`, and `"test"`).
+        training_procedure (`str`, *optional*): the text of the training-procedure section, instead of the one
+            built from the config and `training_args`.
 
     Returns:
         `huggingface_hub.ModelCard`.
@@ -238,8 +245,8 @@ def build_model_card(
     eval_results = None
     if chosen is not None:
         eval_results = _eval_results(
-            chosen, str(chosen.get("dataset") or (datasets[0] if datasets else "custom")),
-            str(chosen.get("split") or "test"), info["pipeline_tag"],
+            chosen, str(chosen.get("dataset") or eval_dataset or (datasets[0] if datasets else "custom")),
+            str(chosen.get("split") or eval_split or "test"), info["pipeline_tag"],
         ) or None
     data = ModelCardData(
         library_name="transformers",
@@ -307,11 +314,11 @@ chest films; a cheap check in the pipeline warns only for colour images, extreme
 
 ## Training procedure
 
-{_loss_section(model, training_args)}
+{training_procedure or _loss_section(model, training_args)}
 
 ## Evaluation
 
-{_evaluation_section(entries, evaluation_key)}
+{_evaluation_section(entries, evaluation_key, " / ".join(x for x in (eval_dataset, eval_split) if x) or "not recorded")}
 
 ## Bias, risks and limitations
 
@@ -330,6 +337,32 @@ Cite the original Q-DISTILL work, CheXzero (Tiu et al., *Nature Biomedical Engin
 al., ICML 2023).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder, **card_kwargs) -> Path:
+    """
+    (Re)write `folder/README.md` for the model saved in `folder`, e.g. once the evaluation has run.
+
+    Args:
+        folder (`str` or `os.PathLike`): a folder saved by [`save_for_hub`] (or `save_pretrained`).
+        card_kwargs: passed to [`build_model_card`] (`evaluation=`, `evaluation_key=`, ...). Without
+            `training_args`, the training-procedure section of the existing README.md is kept.
+
+    Returns:
+        `Path`: the README.md written.
+    """
+    from transformers import AutoModel
+
+    folder = Path(folder)
+    model = AutoModel.from_pretrained(folder)
+    path = folder / "README.md"
+    if path.is_file() and card_kwargs.get("training_args") is None and "training_procedure" not in card_kwargs:
+        # Keep what the first card said about training (its distillation weights came from the training arguments).
+        match = re.search(r"^## Training procedure\n\n(.*?)\n\n## ", ModelCard.load(path).text, re.S | re.M)
+        if match:
+            card_kwargs["training_procedure"] = match.group(1).strip()
+    build_model_card(model, **card_kwargs).save(path)
+    return path
 
 
 def _write_custom_pipeline(folder: Path) -> None:
@@ -437,4 +470,4 @@ def save_for_hub(
     return folder
 
 
-__all__ = ["CARD_METRICS", "build_model_card", "load_evaluation", "push_folder_to_hub", "save_for_hub"]
+__all__ = ["CARD_METRICS", "build_model_card", "load_evaluation", "push_folder_to_hub", "save_for_hub", "write_model_card"]
