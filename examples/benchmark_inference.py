@@ -20,8 +20,9 @@ Variants are named `<model>/<path>/<backend>/<dtype>`; every valid combination o
 * `<dtype>`: `fp32`; on CUDA also `bf16` and `fp16` (autocast).
 
 Each variant reports films/s at `--batch_size` (default 256: `batch / median time of a batch`) and the single-film
-latency (batch 1, median and p90 over `--latency_repeats`). Eager forwards run the model's input checks (host syncs:
-non-finite films, vocabulary); compiled ones skip them, as in training (the processor refuses broken films, and a
+latency (batch 1, median and p90 over `--latency_repeats`); on CPU also the process CPU time of a single film (on a
+shared machine the wall time includes waiting for a core, the CPU time does not). Eager forwards run the model's
+input checks (host syncs: non-finite films, vocabulary); compiled ones skip them, as in training (the processor refuses broken films, and a
 uint8 film cannot be NaN). CPU runs use `--threads` torch threads (default 1: the single-film goal is one core).
 
 The original's student: `--original_repo PATH` (a checkout of the original Q-DISTILL code, not in this repository)
@@ -260,17 +261,19 @@ def preprocess_fn(path, processor, device):
 
 
 def timed(fn, repeats, warmup, device):
+    """Wall times and process CPU times (all threads of this process) of `repeats` calls, after `warmup` calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def run_variant(name, args, sizes, device, workdir):
@@ -318,7 +321,7 @@ def run_variant(name, args, sizes, device, workdir):
         result["first_batch_s"] = round(time.perf_counter() - start, 3)  # includes compilation for compiled backends
         if not bool(torch.isfinite(out.float()).all()):
             raise FloatingPointError(f"{name}: non-finite outputs")
-        times = timed(step_fn(*batch), args.steps, args.warmup, device)
+        times, cpu_times = timed(step_fn(*batch), args.steps, args.warmup, device)
         median = statistics.median(times)
         result.update({
             "batch_size": args.batch_size,
@@ -326,13 +329,19 @@ def run_variant(name, args, sizes, device, workdir):
             "ms_per_batch_all": [round(t * 1e3, 3) for t in times],
             "films_per_s": round(args.batch_size / median, 2),
         })
+        if device.type == "cpu":
+            result["cpu_ms_per_batch"] = round(statistics.median(cpu_times) * 1e3, 3)
     if "latency" in args.measure:
         single = make_inputs(kind, path, 1, args, sizes, device, generator)
-        times = timed(step_fn(*single), args.latency_repeats, max(args.warmup, 2), device)
+        times, cpu_times = timed(step_fn(*single), args.latency_repeats, max(args.warmup, 2), device)
         result.update({
             "single_film_ms": round(statistics.median(times) * 1e3, 3),
             "single_film_ms_p90": round(float(np.percentile(np.array(times) * 1e3, 90)), 3),
         })
+        if device.type == "cpu":
+            # On a shared machine the wall time includes waiting for a core; the process CPU time does not (with one
+            # thread it is the single-core latency an idle machine would show, give or take cache effects).
+            result["single_film_cpu_ms"] = round(statistics.median(cpu_times) * 1e3, 3)
     if backend in ("compiled", "cudagraphs"):
         torch._dynamo.reset()
     return result
@@ -360,11 +369,11 @@ def ratios(results):
 
 
 def format_table(report):
-    rows = [("variant", "batch", "ms/batch", "films/s", "1 film ms", "p90 ms")]
+    rows = [("variant", "batch", "ms/batch", "films/s", "1 film ms", "p90 ms", "1 film CPU ms")]
     skipped = []
     for name, r in report["results"].items():
         if r.get("status") != "ok":
-            rows.append((name, "-", "skipped", "", "", ""))
+            rows.append((name, "-", "skipped", "", "", "", ""))
             skipped.append(f"{name} skipped: {r.get('reason', '')[:300]}")
             continue
         rows.append((
@@ -373,6 +382,7 @@ def format_table(report):
             f"{r['films_per_s']:,.1f}" if "films_per_s" in r else "-",
             f"{r['single_film_ms']:,.2f}" if "single_film_ms" in r else "-",
             f"{r['single_film_ms_p90']:,.2f}" if "single_film_ms_p90" in r else "-",
+            f"{r['single_film_cpu_ms']:,.2f}" if "single_film_cpu_ms" in r else "-",
         ))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
@@ -398,6 +408,8 @@ def format_table(report):
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for chatty in ("onnx_ir", "onnxscript"):  # one INFO line per deduplicated initializer of the ONNX export
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
