@@ -155,9 +155,11 @@ def load_triage(model_folder: str | os.PathLike) -> Callable[[Any], dict]:
                                 "--model with a folder written by save_pretrained.")
     from transformers import pipeline
 
-    from qdistill_hf import CXR_TRIAGE_TASK  # importing qdistill_hf registers the Auto classes and the task
+    from qdistill_hf import CXR_TRIAGE_TASK, CxrTriagePipeline  # importing qdistill_hf registers the Auto classes
 
-    pipe = pipeline(CXR_TRIAGE_TASK, model=str(folder))
+    # pipeline_class: the installed pipeline, also for folders that carry their own copy (save_for_hub writes
+    # custom_pipelines, for which transformers otherwise asks for trust_remote_code=True).
+    pipe = pipeline(CXR_TRIAGE_TASK, model=str(folder), pipeline_class=CxrTriagePipeline)
 
     def triage(film) -> dict:
         return pipe(film, return_attention_map=True)

@@ -96,6 +96,7 @@ __all__ = [
     "QDistillImageProcessor",
     "QDistillProcessor",
     "register_processing_auto_classes",
+    "CXR_TRIAGE_TASK",
     "CxrTriagePipeline",
     "train_report_tokenizer",
     "build_report_tokenizer",

@@ -229,3 +229,18 @@ def test_cxr_triage_attention_map_covers_the_film(folders):
     assert "attention_map" not in triage(square)
     with pytest.raises(ValueError, match="attention_map_format"):
         triage(square, return_attention_map=True, attention_map_format="jpeg")
+
+
+def test_in_package_use_of_a_folder_that_carries_its_own_pipeline(tmp_path):
+    from qdistill_hf.sharing import save_for_hub
+
+    model = toy_student(text_mode="image_only").eval()
+    save_for_hub(model, QDistillProcessor(image_processor=toy_image_processor(), tokenizer=toy_tokenizer()), tmp_path)
+    # transformers asks for trust_remote_code whenever config.json declares custom_pipelines, even with the package.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline("cxr-triage", model=str(tmp_path))
+    installed = pipeline("cxr-triage", model=str(tmp_path), pipeline_class=CxrTriagePipeline)
+    assert type(installed) is CxrTriagePipeline and type(installed.model).__module__ == "qdistill_hf.models.modeling_qdistill"
+    remote = pipeline("cxr-triage", model=str(tmp_path), trust_remote_code=True)
+    assert type(remote).__module__.startswith("transformers_modules.")
+    assert remote(FILM)["probability"] == pytest.approx(installed(FILM)["probability"], abs=1e-6)
