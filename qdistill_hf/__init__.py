@@ -41,7 +41,9 @@ AutoModel.register(QDistillStudentConfig, QDistillStudentModel, exist_ok=True)
 # Only an image_only student is an image classifier (a pseudo_report one needs input_ids): the loader refuses the
 # latter, and saved folders carry `AutoModelForImageClassification` in `auto_map` only for the former.
 AutoModelForImageClassification.register(QDistillStudentConfig, QDistillImageOnlyStudentLoader, exist_ok=True)
-PIPELINE_REGISTRY.register_pipeline(CXR_TRIAGE_TASK, pipeline_class=CxrTriagePipeline, pt_model=AutoModel, type="multimodal")
+PIPELINE_REGISTRY.register_pipeline(
+    CXR_TRIAGE_TASK, pipeline_class=CxrTriagePipeline, pt_model=AutoModel, type="multimodal"
+)
 
 # ... and `save_pretrained` writes `auto_map` and copies the flat model files, so a saved folder or Hub repo also
 # loads with `trust_remote_code=True` where qdistill_hf is not installed.

@@ -55,7 +55,8 @@ def test_auto_map_offers_image_classification_only_to_the_image_only_student(fol
     image_only = json.loads((root / "image_only" / "config.json").read_text())["auto_map"]
     pseudo = json.loads((root / "pseudo_report" / "config.json").read_text())["auto_map"]
     assert image_only["AutoModelForImageClassification"] == "modeling_qdistill.QDistillStudentModel"
-    assert "AutoModelForImageClassification" not in pseudo and pseudo["AutoModel"] == "modeling_qdistill.QDistillStudentModel"
+    assert "AutoModelForImageClassification" not in pseudo
+    assert pseudo["AutoModel"] == "modeling_qdistill.QDistillStudentModel"
     assert type(AutoModelForImageClassification.from_pretrained(root / "image_only")).__name__ == "QDistillStudentModel"
     with pytest.raises(ValueError, match=r"pseudo_report.*not an image classifier.*AutoModel\.from_pretrained"):
         AutoModelForImageClassification.from_pretrained(root / "pseudo_report")
@@ -70,7 +71,8 @@ def test_stock_image_classification_pipeline_gives_config_labels_and_softmax_of_
     raw = torch.softmax(logits, dim=-1)  # the stock pipeline knows no temperature: uncalibrated scores
     assert {entry["label"] for entry in result} == {"routine", "urgent"}
     for entry in result:
-        assert entry["score"] == pytest.approx(float(raw[models["image_only"].config.label2id[entry["label"]]]), abs=1e-6)
+        index = models["image_only"].config.label2id[entry["label"]]
+        assert entry["score"] == pytest.approx(float(raw[index]), abs=1e-6)
     assert result[0]["score"] >= result[1]["score"]
 
 
@@ -82,7 +84,8 @@ def test_cxr_triage_image_only_output_is_calibrated_with_the_stored_threshold(fo
     probabilities, _ = _expected(models["image_only"], FILM)
     assert set(out) == {"label", "probability", "threshold", "threshold_source", "scores", "warnings"}
     assert out["probability"] == pytest.approx(float(probabilities[1]), abs=1e-6)
-    assert out["scores"] == pytest.approx({"routine": float(probabilities[0]), "urgent": float(probabilities[1])}, abs=1e-6)
+    expected_scores = {"routine": float(probabilities[0]), "urgent": float(probabilities[1])}
+    assert out["scores"] == pytest.approx(expected_scores, abs=1e-6)
     assert out["threshold"] == 0.3 and out["threshold_source"] == "sensitivity >= 0.9 on validation (8 studies)"
     assert out["label"] == ("urgent" if out["probability"] >= 0.3 else "routine")
     assert out["warnings"] == []
@@ -240,7 +243,8 @@ def test_in_package_use_of_a_folder_that_carries_its_own_pipeline(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         pipeline("cxr-triage", model=str(tmp_path))
     installed = pipeline("cxr-triage", model=str(tmp_path), pipeline_class=CxrTriagePipeline)
-    assert type(installed) is CxrTriagePipeline and type(installed.model).__module__ == "qdistill_hf.models.modeling_qdistill"
+    assert type(installed) is CxrTriagePipeline
+    assert type(installed.model).__module__ == "qdistill_hf.models.modeling_qdistill"
     remote = pipeline("cxr-triage", model=str(tmp_path), trust_remote_code=True)
     assert type(remote).__module__.startswith("transformers_modules.")
     assert remote(FILM)["probability"] == pytest.approx(installed(FILM)["probability"], abs=1e-6)

@@ -65,7 +65,8 @@ def _in_package_outputs(folder: Path, name: str, model) -> dict:
     inputs = processor(images=FILM, text=text)
     with torch.no_grad():
         logits = model(**inputs).logits
-    triage = pipeline("cxr-triage", model=model, image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    triage = pipeline("cxr-triage", model=model, image_processor=processor.image_processor,
+                      tokenizer=processor.tokenizer)
     kwargs = {} if name == "image_only" else {"report": REPORT}
     result = triage(FILM, return_attention_map=True, attention_map_format="png", **kwargs)
     out = {"logits": logits, "pixel_values": inputs["pixel_values"], "triage": result}
@@ -110,7 +111,8 @@ REMOTE_SCRIPT = BLOCKER + textwrap.dedent(
         kwargs = {} if text is None else {"report": report}
         result = triage(film, return_attention_map=True, attention_map_format="png", **kwargs)
         attention_map = np.asarray(Image.open(io.BytesIO(result.pop("attention_map")))).copy()
-        saved = {"logits": logits, "pixel_values": inputs["pixel_values"], "attention_map": torch.from_numpy(attention_map)}
+        saved = {"logits": logits, "pixel_values": inputs["pixel_values"],
+                 "attention_map": torch.from_numpy(attention_map)}
         info = {"triage": result, "classes": [type(o).__module__ + "." + type(o).__name__
                                               for o in (model, processor, image_processor, triage)]}
         if name == "image_only":
@@ -173,7 +175,9 @@ def test_save_for_hub_writes_every_file_a_repo_needs(hub_folders):
         assert config["custom_pipelines"] == {
             "cxr-triage": {"impl": "pipeline_qdistill.CxrTriagePipeline", "pt": ["AutoModel"], "type": "multimodal"}
         }
-        expected = {"AutoConfig", "AutoModel"} | ({"AutoModelForImageClassification"} if name == "image_only" else set())
+        expected = {"AutoConfig", "AutoModel"}
+        if name == "image_only":
+            expected.add("AutoModelForImageClassification")
         assert set(config["auto_map"]) == expected
         processor_config = json.loads((folder / "processor_config.json").read_text())
         assert processor_config["auto_map"] == {"AutoProcessor": "processing_qdistill.QDistillProcessor"}
@@ -249,13 +253,15 @@ def test_model_card_metadata_parses_and_follows_the_evaluation(hub_folders, tmp_
     folder = tmp_path / "distilled"
     args = type("Args", (), {"logit_kd_weight": 1.0, "kd_temperature": 2.0, "supervised_weight": 0.5})()
     save_for_hub(models["image_only"], _processor(), folder, training_args=args)
-    assert "`supervised_weight` = 0.5, `logit_kd_weight` = 1.0, `kd_temperature` = 2.0" in (folder / "README.md").read_text()
+    first = (folder / "README.md").read_text()
+    assert "`supervised_weight` = 0.5, `logit_kd_weight` = 1.0, `kd_temperature` = 2.0" in first
     write_model_card(folder, evaluation=EVALUATION["labels_only"], eval_dataset="synthetic", eval_split="validation")
     rewritten = ModelCard.load(folder / "README.md")
     assert [(r.metric_type, r.metric_value, r.dataset_name, r.dataset_split) for r in rewritten.data.eval_results] == [
         ("roc_auc", 0.6, "synthetic", "validation")
     ]
-    assert "`logit_kd_weight` = 1.0" in rewritten.text and "| model (this checkpoint) | synthetic / validation |" in rewritten.text
+    assert "`logit_kd_weight` = 1.0" in rewritten.text
+    assert "| model (this checkpoint) | synthetic / validation |" in rewritten.text
     path.write_text("{not json")
     with pytest.raises(ValueError, match="evaluation file .*evaluation.json.* is not valid JSON"):
         load_evaluation(path)
@@ -294,7 +300,8 @@ def test_readme_usage_snippet_runs_as_pasted_without_the_package(remote):
     output = (remote / "out" / "snippet.txt").read_text()
     assert "SNIPPET FAILED" not in output, output
     last = output.strip().splitlines()[-1]
-    match = re.fullmatch(r"(routine|urgent) (0\.\d+) threshold: 0\.3 sensitivity >= 0\.9 on validation \(8 studies\)", last)
+    pattern = r"(routine|urgent) (0\.\d+) threshold: 0\.3 sensitivity >= 0\.9 on validation \(8 studies\)"
+    match = re.fullmatch(pattern, last)
     assert match, last
     assert Image.open(remote / "snippet_cwd" / "attention.png").size == (512, 512)
 

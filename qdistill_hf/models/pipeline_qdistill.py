@@ -138,10 +138,12 @@ class CxrTriagePipeline(Pipeline):
     Example:
 
     ```python
+    >>> import numpy as np
     >>> from transformers import pipeline
     >>> triage = pipeline("cxr-triage", model="path/to/student", trust_remote_code=True)
-    >>> triage(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))["label"]
-    'non_urgent'
+    >>> result = triage(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
+    >>> result["label"] in triage.model.config.label2id, result["threshold_source"]
+    (True, 'default 0.5: not calibrated')
     ```
     """
 

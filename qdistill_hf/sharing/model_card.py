@@ -63,7 +63,9 @@ def load_evaluation(evaluation) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{source} is not valid JSON: {error}") from error
     if not isinstance(evaluation, Mapping):
-        raise ValueError(f"{source} must be a JSON object {{model_name: {{metric: value}}}}, got {type(evaluation).__name__}.")
+        raise ValueError(
+            f"{source} must be a JSON object {{model_name: {{metric: value}}}}, got {type(evaluation).__name__}."
+        )
     if "auroc" in evaluation and not isinstance(evaluation["auroc"], Mapping):
         evaluation = {"model": evaluation}
     entries = {}
@@ -252,7 +254,9 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag=info["pipeline_tag"],
         license=license,
-        tags=list(dict.fromkeys([*BASE_TAGS, info["kind"].split()[-1], *([info["text_mode"]] if info["text_mode"] else []), *tags])),
+        tags=list(dict.fromkeys(
+            [*BASE_TAGS, info["kind"].split()[-1], *([info["text_mode"]] if info["text_mode"] else []), *tags]
+        )),
         datasets=hub_datasets or None,
         base_model=base_model if base_model and _is_hub_id(base_model) else None,
         metrics=[metric_id for metric_id, _ in CARD_METRICS.values()],
@@ -261,10 +265,11 @@ def build_model_card(
     )
     repo = repo_id or "<this folder>"
     threshold = config.decision_threshold
-    operating = (
-        f"`decision_threshold` = {threshold} on the calibrated p(urgent), chosen by: {config.decision_rule or 'not recorded'}"
-        if threshold is not None else f"no stored threshold: the pipeline uses 0.5 and says so ({DEFAULT_THRESHOLD_SOURCE!r})"
-    )
+    if threshold is not None:
+        operating = (f"`decision_threshold` = {threshold} on the calibrated p(urgent), chosen by: "
+                     f"{config.decision_rule or 'not recorded'}")
+    else:
+        operating = f"no stored threshold: the pipeline uses 0.5 and says so ({DEFAULT_THRESHOLD_SOURCE!r})"
     report_arg = "" if info["text_mode"] == "image_only" else ', report="..."'
     stock = (
         f'\n# the stock pipeline works too (softmax of the raw logits, no temperature):\n'
@@ -462,7 +467,8 @@ def save_for_hub(
     _write_custom_pipeline(folder)
     card = build_model_card(model, evaluation=evaluation, repo_id=repo_id, **card_kwargs)
     card.save(folder / "README.md")
-    logger.info("saved %s, its processor, the cxr-triage pipeline and the model card to %s", type(model).__name__, folder)
+    logger.info("saved %s, its processor, the cxr-triage pipeline and the model card to %s",
+                type(model).__name__, folder)
     if push_to_hub:
         if not repo_id:
             raise ValueError("push_to_hub=True needs repo_id='owner/name'.")
@@ -470,4 +476,11 @@ def save_for_hub(
     return folder
 
 
-__all__ = ["CARD_METRICS", "build_model_card", "load_evaluation", "push_folder_to_hub", "save_for_hub", "write_model_card"]
+__all__ = [
+    "CARD_METRICS",
+    "build_model_card",
+    "load_evaluation",
+    "push_folder_to_hub",
+    "save_for_hub",
+    "write_model_card",
+]
