@@ -388,8 +388,13 @@ def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_r
         evaluation = {key[len(prefix) + 1:]: value for key, value in metrics.items()} | {"split": split}
 
     repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
-    if trainer.is_world_process_zero():
-        from qdistill_hf.sharing import push_folder_to_hub, save_for_hub
+    # save_for_hub describes Q-DISTILL teachers and students; other models (run_baseline.py's ResNet and probes,
+    # run_clip_pretraining.py's CLIPModel) get the Trainer's model card.
+    qdistill_model = getattr(trainer.model.config, "model_type", "") in ("qdistill_teacher", "qdistill_student")
+    if trainer.is_world_process_zero() and not qdistill_model:
+        trainer.create_model_card(**kwargs)
+    elif trainer.is_world_process_zero():
+        from qdistill_hf.sharing import save_for_hub
 
         # The Hub folder (pipeline file, custom_pipelines, model card with model-index from the last split evaluated);
         # the Trainer's own card would replace ours, so the push below uploads the folder as it is.
@@ -408,6 +413,8 @@ def finish(trainer, processor, splits, training_args, push_to_hub: bool, train_r
         )
         return 1
     try:
+        from qdistill_hf.sharing import push_folder_to_hub
+
         push_folder_to_hub(training_args.output_dir, repo, token=training_args.hub_token,
                            private=training_args.hub_private_repo)
     except Exception as error:  # any Hub/network/auth failure: report it, keep the files, exit non-zero
