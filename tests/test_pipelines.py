@@ -230,6 +230,12 @@ def test_cxr_triage_attention_map_covers_the_film(folders):
     decoded = Image.open(io.BytesIO(wide["attention_map"]))
     assert decoded.format == "PNG" and decoded.size == (72, 40)
     assert "attention_map" not in triage(square)
+    # Attention probabilities exist on the eager path only; an sdpa model computes that call eagerly by itself.
+    assert triage.model.config._attn_implementation == "sdpa"
+    eager = pipeline("cxr-triage", model=str(root / "image_only"), model_kwargs={"attn_implementation": "eager"})
+    assert eager.model.config._attn_implementation == "eager"
+    eager_map = eager(square, return_attention_map=True)["attention_map"]
+    assert np.array_equal(np.asarray(eager_map), np.asarray(attention_map))
     with pytest.raises(ValueError, match="attention_map_format"):
         triage(square, return_attention_map=True, attention_map_format="jpeg")
 
