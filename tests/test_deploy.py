@@ -147,6 +147,7 @@ def test_compression_table_rows(student, onnx_file):
     assert reference["decision_agreement"] == 1.0 and reference["films"] == 12
     assert reference["parameters"] == sum(p.numel() for p in student.parameters())
     assert reference["serialized_bytes"] == serialized_size(student) and reference["cpu_single_film_ms"] > 0
+    assert reference["cpu_single_film_process_ms"] > 0
     assert 0 < int8["max_abs_probability_change"] <= INT8_PROBABILITY_TOLERANCE
     assert onnx_row["max_abs_logit_change"] <= EXPORT_TOLERANCE and onnx_row["nonzero_parameters"] is None
     assert onnx_row["serialized_bytes"] == onnx_file.stat().st_size
@@ -158,6 +159,7 @@ def test_compression_table_rows(student, onnx_file):
     assert reference["auroc"] == pytest.approx(expected)
     table = format_compression_table(rows)
     assert table.splitlines()[0].startswith("| variant | parameters") and "| int8 |" in table and "d AUROC" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())  # well-formed
     with pytest.raises(ValueError, match="reference 'bf16' is not one of the models"):
         compression_table(variants, x, reference="bf16")
 
