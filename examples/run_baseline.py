@@ -87,7 +87,7 @@ class BaselineArguments:
     # ResNet.
     image_size: int | None = field(
         default=None, metadata={"help": "resnet: films are letterboxed to this square size (default: the processor's, "
-                                        "224)."}
+                                        "224). The probes read films at their encoder's size."}
     )
     embedding_size: int = field(default=32, metadata={"help": "resnet: channels of the stem convolution."})
     hidden_sizes: list[int] = field(
@@ -376,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
             encoder = stand_in_encoder(baseline_args.stand_in_seed)
             encoder_name = f"random stand-in encoder (run_teacher.stand_in_encoder, seed {baseline_args.stand_in_seed})"
         encoder.eval().requires_grad_(False)
+        # The films go in at the encoder's own size (--image_size is the ResNet's).
+        encoder_size = encoder.config.image_size
+        if (image_processor.size.height, image_processor.size.width) != (encoder_size, encoder_size):
+            logger.warning(f"The encoder reads {encoder_size} px films: the image processor's size "
+                           f"{image_processor.size.height}x{image_processor.size.width} is replaced by it "
+                           "(--image_size applies to --baseline resnet)")
+            image_processor.size = {"height": encoder_size, "width": encoder_size}
         splits = cache_features(splits, encoder, image_processor, training_args)
         probe_config_class, probe_class = _probe_classes()
         config = probe_config_class(
