@@ -584,5 +584,6 @@ def main(argv=None) -> int:
     )
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
