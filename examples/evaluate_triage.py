@@ -353,37 +353,51 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
+LINE_COLORS = {"training loss": "tab:blue", "evaluation loss": "tab:orange", "auroc": "tab:green"}
+
+
+def first_per_step(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """`(step, value)` of `key` in a Trainer log history, the first entry per step: a script's `evaluate()` after
+    training logs the kept checkpoint's metrics again at the last step, which is not a point of the curve."""
+    points = {}
+    for entry in history:
+        if key in entry and "step" in entry and entry["step"] not in points:
+            points[entry["step"]] = entry[key]
+    return sorted(points.items())
+
+
 def plot_training_curves(states: dict[str, dict], path: Path, title: str) -> None:
     """One panel per model (their losses are different objectives, not comparable across models): training and
-    evaluation loss on the left axis, evaluation AUROC on the right one, the kept checkpoint starred."""
+    evaluation loss on the left axis, evaluation AUROC on the right one, the kept checkpoint marked."""
     plt = _pyplot()
     n = len(states)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.2 * rows + 0.6), squeeze=False, layout="constrained")
+    legend = {}
     for ax, (name, state) in zip(axes.flat, states.items()):
         history = state["log_history"]
-        handles = []
         for key, style, label in (("loss", "o-", "training loss"), ("eval_loss", "s--", "evaluation loss")):
-            points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+            points = first_per_step(history, key)
             if points:
-                handles += ax.plot(*zip(*points), style, ms=4, lw=1.6, label=label)
+                legend[label] = ax.plot(*zip(*points), style, ms=4, lw=1.6, color=LINE_COLORS[label])[0]
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         right = ax.twinx()
-        points = [(e["step"], e["eval_auroc"]) for e in history if "eval_auroc" in e and "step" in e]
+        points = first_per_step(history, "eval_auroc")
         if points:
-            handles += right.plot(*zip(*points), "^-", color="tab:green", ms=5, lw=1.6, label="evaluation AUROC")
+            legend["evaluation AUROC (right axis)"] = right.plot(*zip(*points), "^-", color=LINE_COLORS["auroc"], ms=5,
+                                                                 lw=1.6)[0]
             right.set_ylim(min(0.4, min(v for _, v in points) - 0.05), 1.02)
-        right.set_ylabel("AUROC", color="tab:green")
+        right.set_ylabel("AUROC", color=LINE_COLORS["auroc"])
         best = state.get("best_global_step")
         if best is not None:
-            handles.append(ax.axvline(best, color="black", ls=":", lw=1.3, label="kept checkpoint"))
+            legend["kept checkpoint"] = ax.axvline(best, color="black", ls=":", lw=1.3)
         ax.set_title(name, fontsize=12)
-        ax.legend(handles=handles, fontsize=8.5, loc="best", framealpha=0.9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=len(legend), fontsize=10)
     fig.suptitle(f"{title} (evaluation = the selection split, once per epoch)")
     fig.savefig(path)
     plt.close(fig)
