@@ -98,6 +98,13 @@ def test_resnet_baseline_trains_predicts_and_reloads(root, splits):
         logits = model(pixel_values=pixel_values).logits.numpy()
     np.testing.assert_allclose(logits, predictions["test"], atol=1e-5)
     assert "plain cross-entropy" in log
+    # The stock image-classification pipeline reads a film through the saved QDistillImageProcessor.
+    from transformers import pipeline
+
+    scores = {row["label"]: row["score"] for row in pipeline("image-classification", model=str(out))(
+        splits["test"][0]["image"])}
+    expected = torch.softmax(torch.tensor(predictions["test"][0]), dim=-1)
+    assert scores == pytest.approx({LABEL_NAMES[0]: float(expected[0]), LABEL_NAMES[1]: float(expected[1])}, abs=1e-5)
 
 
 @pytest.mark.parametrize("baseline", ["linear_probe", "mlp"])

@@ -101,6 +101,28 @@ def test_report_groups_compare_token_ids_not_padding(clip_script):
     assert clip_script.chance_loss(32, 16) == pytest.approx(math.log(16))
 
 
+def test_collator_groups_identical_reports_and_names_missing_ones(clip_script):
+    from PIL import Image
+
+    from qdistill_hf import QDistillImageProcessor, QDistillProcessor
+    from qdistill_hf.models.tokenization_qdistill import train_report_tokenizer
+
+    tokenizer = train_report_tokenizer(["Normal chest.", "Right effusion."], vocab_size=200, min_frequency=1,
+                                       model_max_length=16)
+    processor = QDistillProcessor(image_processor=QDistillImageProcessor(size={"height": 32, "width": 32}),
+                                  tokenizer=tokenizer)
+    rows = [{"study_id": f"s{i}", "image": Image.new("L", (40, 40), 60 * i), "report": report}
+            for i, report in enumerate(["Normal chest.", "normal  CHEST.", "Right effusion."])]
+    batch = clip_script.ClipCollator(processor, "positives")(rows)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["return_loss"] is True
+    assert batch["labels"].tolist() == [0, 0, 2]  # the tokenizer lower-cases: rows 0 and 1 read the same
+    plain = clip_script.ClipCollator(processor, "ignore")(rows)
+    assert "labels" not in plain and plain["return_loss"] is True
+    rows[2]["report"] = "  "
+    with pytest.raises(ValueError, match="study 's2' has no report text"):
+        clip_script.ClipCollator(processor, "positives")(rows)
+
+
 def test_arguments_are_checked(clip_script):
     with pytest.raises(ValueError, match="--image_size 100 is not a multiple of --patch_size 32"):
         clip_script.ClipModelArguments(image_size=100)
