@@ -5,6 +5,7 @@ Tolerances (tiny random students, fp32, CPU):
 - int8 (torch.ao dynamic, or onnxruntime quantize_dynamic) vs fp32: max |calibrated probability difference| <= 0.05.
 """
 
+import json
 import math
 
 import numpy as np
@@ -273,3 +274,24 @@ def test_fixed_batch_torch_export(student, tmp_path):
     with pytest.raises(Exception):
         program(films(3))
     assert math.isclose(load_metadata(path)["calibration_temperature"], 2.0)
+
+
+def test_export_student_script_writes_the_files_and_the_table(student, processor, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "export_student.py"
+    spec = importlib.util.spec_from_file_location("export_student", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    rows = module.main(["--model", str(folder), "--output_dir", str(tmp_path / "out"), "--formats", "onnx",
+                        "--table_split", "random:3", "--latency_repeats", "1", "--prune", "0.2"])
+    assert [row["variant"] for row in rows] == ["fp32", "int8 (torch.ao dynamic)", "pruned 20% (L1, per layer)",
+                                                "onnx", "onnx int8"]
+    assert rows[3]["max_abs_logit_change"] <= EXPORT_TOLERANCE and "auroc" not in rows[0]
+    saved = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert saved["rows"] == rows and (tmp_path / "out" / "compression.md").read_text().startswith("| variant |")
+    assert load_metadata(tmp_path / "out" / "student.int8.onnx")["resize_mode"] == "squash"

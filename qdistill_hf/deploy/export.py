@@ -391,7 +391,6 @@ class OnnxTriageModel:
     def num_parameters(self) -> int:
         """Elements of the graph's initializers (weights and constants; int8 files count their int8 weights)."""
         import onnx
-        from onnx import numpy_helper  # noqa: F401
 
         proto = onnx.load(str(self.path))
         return int(sum(int(np.prod(tensor.dims)) for tensor in proto.graph.initializer))
