@@ -12,7 +12,7 @@ Variants are named `<model>/<path>/<backend>/<dtype>`; every valid combination o
   pixels square, through the processor's PIL path on the CPU, copied to the device, then the model) or `e2e_tensor`
   (the same decoded films as a uint8 tensor, copied to the device and preprocessed there by
   `QDistillImageProcessor.preprocess_tensor`, which matches the PIL path within 2 grey levels).
-* `<backend>`: `eager`; `compiled` (`torch.compile`, default inductor, no CUDA graphs); `cudagraphs` (CUDA only:
+* `<backend>`: `eager`; `compiled` (`torch.compile`, default inductor and mode, no CUDA graphs); `cudagraphs` (CUDA only:
   `torch.compile(mode="reduce-overhead")`, inductor with CUDA graphs); CPU only: `int8`
   (`qdistill_hf.deploy.quantize_dynamic_int8`, torch.ao dynamic int8 on every Linear), `onnxruntime` and
   `onnxruntime_int8` (the student exported with `qdistill_hf.deploy.export_student`, int8 by onnxruntime's
@@ -122,6 +122,9 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=["*"], help="glob patterns over variant names")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU)")
     parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode of the `compiled` backend (e.g. max-autotune-no-cudagraphs; never a "
+                             "CUDA-graph mode: that is the `cudagraphs` backend)")
     parser.add_argument("--original_repo", default=None, help="checkout of the original Q-DISTILL code (optional)")
     parser.add_argument("--original_factory", default="model.student:create_student_model",
                         help="MODULE:FUNCTION inside --original_repo returning the original's student")
@@ -295,8 +298,7 @@ def run_variant(name, args, sizes, device, workdir):
     if backend.startswith("onnxruntime"):
         forward, result["onnx_bytes"] = onnx_runner(model, backend.endswith("int8"), torch.get_num_threads(), workdir)
     elif backend == "compiled":
-        forward = torch.compile(forward, backend=args.compile_backend, mode="max-autotune-no-cudagraphs"
-                                if device.type == "cuda" and args.compile_backend == "inductor" else None)
+        forward = torch.compile(forward, backend=args.compile_backend, mode=args.compile_mode)
     elif backend == "cudagraphs":
         forward = torch.compile(forward, backend=args.compile_backend, mode="reduce-overhead")
     prepare = preprocess_fn(path, processor, device)
@@ -440,6 +442,7 @@ def main(argv=None):
             "latency_repeats": args.latency_repeats,
             "measure": args.measure,
             "compile_backend": args.compile_backend,
+            "compile_mode": args.compile_mode,
             "original_repo": args.original_repo,
             "throughput_note": "films/s = batch / median time of a batch at the stated batch; single-film latency = "
                                "median (and p90) of batch-1 forwards, including the path's preprocessing",
