@@ -76,8 +76,8 @@ class BaselineArguments:
 
     baseline: Literal[BASELINES] = field(
         default=None,
-        metadata={"help": "resnet: ResNet from scratch on the films; linear_probe / mlp: a head on the frozen encoder's "
-                          "cached tokens."},
+        metadata={"help": "resnet: ResNet from scratch on the films; linear_probe / mlp: a head on the frozen "
+                          "encoder's cached tokens."},
     )
     image_processor_name_or_path: str | None = field(
         default=None,
@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. The image processor: the project's one preprocessing (a saved one, the encoder folder's, or the default).
     processor_folder = baseline_args.image_processor_name_or_path
     encoder_folder = baseline_args.vision_model_name_or_path
-    if processor_folder is None and encoder_folder is not None and (Path(encoder_folder) / "preprocessor_config.json").is_file():
+    encoder_has_processor = encoder_folder is not None and (Path(encoder_folder) / "preprocessor_config.json").is_file()
+    if processor_folder is None and encoder_has_processor:
         processor_folder = encoder_folder
     overrides = {}
     if baseline_args.image_size is not None:
