@@ -27,7 +27,7 @@ from qdistill_hf.deploy import (
     quantize_onnx_int8,
     serialized_size,
 )
-from tiny_models import VISION, student_config, teacher_config
+from tiny_models import NUM_IMAGE_TOKENS, VISION, student_config, teacher_config
 
 EXPORT_TOLERANCE = 1e-4
 INT8_PROBABILITY_TOLERANCE = 0.05
@@ -55,6 +55,10 @@ def student():
     torch.manual_seed(0)
     model = QDistillStudentModel(student_config(text_mode="image_only", calibration_temperature=2.0,
                                                 decision_threshold=0.3, decision_rule="test"))
+    # Standardised encoder tokens (buffers saved with the weights) must travel into the exported graphs too.
+    generator = torch.Generator().manual_seed(3)
+    model.set_image_feature_statistics(torch.randn(NUM_IMAGE_TOKENS, VISION["hidden_size"], generator=generator),
+                                       torch.rand(NUM_IMAGE_TOKENS, VISION["hidden_size"], generator=generator) + 0.5)
     return model.eval()
 
 
