@@ -32,7 +32,7 @@ starting with them; if the original's signature differs, point `--original_facto
 Without `--original_repo` those variants are reported as skipped with the reason, and no ratio to the original is
 computed.
 
-    python examples/benchmark_inference.py --sizes tiny                       # smoke run, ~10 s
+    python examples/benchmark_inference.py --sizes tiny --compile_backend eager  # smoke run, 45 s on 2 cores
     python examples/benchmark_inference.py --device cuda                      # paper sizes, every GPU variant
     python examples/benchmark_inference.py --device cpu --threads 1 --batch_size 16 \\
         --variants 'image_only/model/*' 'pseudo_report/model/eager/*' 'encoder/model/eager/*'
