@@ -129,3 +129,26 @@ def test_calibrate_model_writes_config_and_survives_save_load(tmp_path):
     assert np.mean(decisions[labels == 1] == 1) >= 0.9
     assert np.mean(decisions[labels == 1] == 1) == pytest.approx(
         float(model.config.decision_rule.split("sensitivity ")[2].split(",")[0]), abs=5e-4)
+
+
+def test_calibrate_model_on_a_perfectly_separated_split_stores_threshold_one(caplog):
+    # A teacher reading the report separates the selection split: T runs to its lower bound and the calibrated
+    # p(urgent) of every urgent film is exactly 1.0 in float32, so the threshold reaching 90% sensitivity is 1.0.
+    import logging
+
+    import torch
+
+    from qdistill_hf import QDistillStudentModel
+    from qdistill_hf.evaluation import calibrate_model
+    from tiny_models import student_config
+
+    model = QDistillStudentModel(student_config(text_mode="image_only"))
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    logits = np.array([[5.0, -5.0]] * 3 + [[-5.0, 5.0]] * 3)
+    with caplog.at_level(logging.WARNING):
+        summary = calibrate_model(model, logits, labels)
+    assert summary["threshold"] == 1.0
+    assert model.config.decision_threshold == 1.0
+    assert "saturated" in caplog.text
+    probabilities = model.triage_probabilities(torch.tensor(logits, dtype=torch.float32))
+    assert model.triage_decisions(probabilities).tolist() == labels.tolist()

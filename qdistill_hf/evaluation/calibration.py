@@ -265,10 +265,16 @@ def calibrate_model(
     # `triage_decisions` flags the same studies.
     if logits.shape[1] == 2:
         threshold, description = choose_threshold(labels, calibrated[:, 1], rule=rule, target=target, split=split)
-        if not 0.0 < threshold < 1.0:
+        if not threshold > 0.0:
             raise ValueError(
-                f"The chosen threshold {threshold} lies outside (0, 1) (saturated probabilities on {split}); it cannot "
-                "be stored as `decision_threshold`."
+                f"The chosen threshold {threshold} is not > 0 (saturated probabilities on {split}): it would flag "
+                "every film, and cannot be stored as `decision_threshold`."
+            )
+        if threshold == 1.0:
+            logger.warning(
+                "The model separates %s with saturated probabilities (calibrated p(urgent) == 1 in float32), so the "
+                "threshold is 1.0: only saturated films are flagged. This operating point is fragile on new films; "
+                "a larger or harder selection split gives a better one.", split
             )
     else:
         threshold, description = None, f"argmax ({logits.shape[1]} classes; a threshold applies to binary triage only)"

@@ -284,7 +284,7 @@ def compute_triage_metrics(
         probabilities (array-like of shape `(n,)` or `(n, k)`): the probability of class 1 (binary), or class
             probabilities whose rows sum to 1. `k = 2` uses column 1; `k > 2` gives macro one-vs-rest AUROC,
             argmax accuracy, macro-F1 and confusion matrix, and `nan` (with a reason) for the binary-only keys.
-        threshold (`float`, *optional*): binary operating threshold in (0, 1) on `p(class 1)`; `None` = argmax
+        threshold (`float`, *optional*): binary operating threshold in (0, 1] on `p(class 1)`; `None` = argmax
             (urgent iff `p > 0.5`), reported as 0.5.
         n_bootstrap (`int`, *optional*, defaults to 1000): bootstrap resamples for the AUROC CI; 0 = no CI (`nan`).
         confidence (`float`, *optional*, defaults to 0.95): coverage of the CI.
@@ -305,7 +305,7 @@ def compute_triage_metrics(
     Raises:
         ValueError: shapes that disagree (both shapes named), non-finite probabilities or probabilities outside
             [0, 1] or rows not summing to 1 (row named), labels that are not class ids in range (row named), a
-            threshold outside (0, 1) or given for more than two classes.
+            threshold outside (0, 1] or given for more than two classes.
 
     Example:
 
@@ -335,8 +335,8 @@ def compute_triage_metrics(
     if threshold is not None:
         if not binary:
             raise ValueError(f"A decision `threshold` applies to binary triage only; got {num_classes} classes.")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"`threshold` must lie in (0, 1), got {threshold}.")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"`threshold` must lie in (0, 1], got {threshold}.")
 
     n = labels.size
     counts = np.bincount(labels, minlength=num_classes)

@@ -82,8 +82,10 @@ def _check_labels_and_alpha(config):
                 f"`decision_threshold` applies to binary triage only; this config has {config.num_labels} labels. "
                 "Set it to None (argmax)."
             )
-        if not 0.0 < config.decision_threshold < 1.0:
-            raise ValueError(f"`decision_threshold` must lie in (0, 1), got {config.decision_threshold}.")
+        # 1.0 is allowed: a model that separates its selection split with saturated float32 probabilities gets the
+        # threshold 1.0 (only films with p(urgent) == 1 are flagged); 0 would flag every film.
+        if not 0.0 < config.decision_threshold <= 1.0:
+            raise ValueError(f"`decision_threshold` must lie in (0, 1], got {config.decision_threshold}.")
     if config.focal_gamma < 0:
         raise ValueError(f"`focal_gamma` must be >= 0, got {config.focal_gamma}.")
     if config.focal_alpha is not None:
