@@ -230,8 +230,8 @@ def predict_and_calibrate(name: str, trainer, splits, selection: str, evaluation
         threshold, rule = choose_threshold(labels, softmax(logits[selection], temperature)[:, 1],
                                            rule=args.threshold_rule, target=args.threshold_target, split=selection,
                                            label_names=list(trainer.model.config.id2label.values()))
-        trainer.model.config.update(dict(calibration_temperature=float(temperature), decision_threshold=float(threshold),
-                                         decision_rule=rule))
+        trainer.model.config.update(dict(calibration_temperature=float(temperature),
+                                         decision_threshold=float(threshold), decision_rule=rule))
         summary = {"temperature": float(temperature), "threshold": float(threshold), "decision_rule": rule}
     config = trainer.model.config
     logger.info(f"{name}: temperature {config.calibration_temperature:.3f}, threshold {config.decision_threshold:.3f} "
@@ -339,7 +339,8 @@ def run_baselines(args, film_splits, feature_splits, selection: str, evaluation:
     for name, description, model, splits, collator, saved_processor, learning_rate in runs:
         set_seed(args.seed)
         trainer = Trainer(
-            model=model, args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, learning_rate),
+            model=model,
+            args=training_args(args, output_dir / "checkpoints" / name, args.student_epochs, learning_rate),
             train_dataset=splits["train"], eval_dataset=splits[selection], data_collator=collator,
             processing_class=saved_processor, compute_metrics=compute_metrics_function(),
         )

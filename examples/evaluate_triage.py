@@ -44,8 +44,8 @@ logger = logging.getLogger("evaluate_triage")
 
 RULES = ("sensitivity", "specificity", "youden")
 FIGURE_DPI = 130
-TABLE_COLUMNS = ("model", "AUROC [95% CI]", "accuracy", "sensitivity", "specificity", "threshold", "ECE (before → after T)",
-                 "n (positive)")
+TABLE_COLUMNS = ("model", "AUROC [95% CI]", "accuracy", "sensitivity", "specificity", "threshold",
+                 "ECE (before → after T)", "n (positive)")
 
 
 def parse_pairs(values, option: str) -> dict[str, str]:

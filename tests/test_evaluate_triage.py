@@ -35,8 +35,10 @@ def models(tmp_path):
     for name, separation, seed in (("strong", 3.0, 0), ("weak", 1.0, 1)):
         folders[name] = tmp_path / name
         write_model(folders[name], separation, seed)
-    state = {"log_history": [{"loss": 0.9, "step": 5, "epoch": 1.0}, {"eval_loss": 0.8, "eval_auroc": 0.7, "step": 5},
-                             {"loss": 0.6, "step": 10, "epoch": 2.0}, {"eval_loss": 0.7, "eval_auroc": 0.8, "step": 10}],
+    state = {"log_history": [{"loss": 0.9, "step": 5, "epoch": 1.0},
+                             {"eval_loss": 0.8, "eval_auroc": 0.7, "step": 5},
+                             {"loss": 0.6, "step": 10, "epoch": 2.0},
+                             {"eval_loss": 0.7, "eval_auroc": 0.8, "step": 10}],
              "best_global_step": 10}
     (folders["strong"] / "trainer_state.json").write_text(json.dumps(state))
     return folders
@@ -70,7 +72,8 @@ def test_writes_metrics_table_and_plots(models, tmp_path):
         temperature = fit_temperature(selection["logits"], selection["labels"])
         assert m["calibration_temperature"] == pytest.approx(temperature)
         assert 1.5 < temperature < 6.0  # the logits were made 3x over-confident
-        threshold, _ = choose_threshold(selection["labels"], evaluate_triage.softmax(selection["logits"], temperature)[:, 1])
+        calibrated = evaluate_triage.softmax(selection["logits"], temperature)[:, 1]
+        threshold, _ = choose_threshold(selection["labels"], calibrated)
         assert m["threshold"] == pytest.approx(threshold)
         # Sensitivity at that threshold, counted by hand on the evaluation split.
         p = evaluate_triage.softmax(evaluation["logits"], temperature)[:, 1]
