@@ -251,7 +251,7 @@ def plot_roc(results: dict, path: Path, title: str) -> None:
     from sklearn.metrics import roc_curve
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.6, 9.2), layout="constrained")
     for name, r in results.items():
         m = r["metrics"]
         fpr, tpr, _ = roc_curve(r["labels"], r["probs"])
@@ -262,9 +262,8 @@ def plot_roc(results: dict, path: Path, title: str) -> None:
     ax.plot([], [], "o", color="white", mec="black", label="operating point (selection threshold)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 − specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", title=title)
-    ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", framealpha=0.9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)  # not over the curves
     fig.savefig(path)
     plt.close(fig)
 
@@ -273,7 +272,7 @@ def plot_reliability(results: dict, path: Path, n_bins: int, title: str) -> None
     from qdistill_hf.evaluation import reliability_curve
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6), sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 8.6), sharey=True, layout="constrained")
     for ax, key, subtitle in ((axes[0], "raw_probs", "before (softmax of the logits)"),
                               (axes[1], "probs", "after temperature scaling (T from selection)")):
         for name, r in results.items():
@@ -290,7 +289,8 @@ def plot_reliability(results: dict, path: Path, n_bins: int, title: str) -> None
         ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel=f"mean predicted p({positive}) in bin",
                title=subtitle)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", framealpha=0.9)
+        # Below the axes: inside, the legend hid the bins near p = 0 and p = 1.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, fontsize=9.5, frameon=False)
     axes[0].set_ylabel(f"observed fraction {positive}")
     fig.suptitle(f"{title} ({n_bins} equal-width bins; marker area ∝ studies in the bin)")
     fig.savefig(path)
@@ -421,7 +421,7 @@ def evaluate(models: dict[str, str | Path], selection_split: str, evaluation_spl
         evaluation_split (`str`): the split the metrics are computed on.
         trainer_states (`dict`, *optional*): model name -> trainer_state.json or a folder holding one; by default
             each model folder's own `trainer_state.json` when present.
-        descriptions (`dict`, *optional*): model name -> longer label for table.md.
+        descriptions (`dict`, *optional*): model name -> longer label for table.md and the plots.
         extra_rows (`list`, *optional*): rows of cells appended to table.md (e.g. a majority-class line).
 
     Returns:
@@ -443,9 +443,11 @@ def evaluate(models: dict[str, str | Path], selection_split: str, evaluation_spl
 
     if plots:
         title = title or f"{evaluation_split} split"
-        plot_roc(results, output_dir / "roc.png", f"ROC, {title}")
-        plot_reliability(results, output_dir / "reliability.png", n_bins, f"Reliability, {title}")
-        plot_confusion_matrices(results, output_dir / "confusion_matrices.png",
+        label = (descriptions or {}).get  # the plots name each model by its description when one is given
+        labelled = {label(name, name): r for name, r in results.items()}
+        plot_roc(labelled, output_dir / "roc.png", f"ROC, {title}")
+        plot_reliability(labelled, output_dir / "reliability.png", n_bins, f"Reliability, {title}")
+        plot_confusion_matrices(labelled, output_dir / "confusion_matrices.png",
                                 f"Confusion matrices at the {selection_split}-chosen threshold, {title}")
         written += [output_dir / f for f in ("roc.png", "reliability.png", "confusion_matrices.png")]
         states = {}
@@ -459,6 +461,7 @@ def evaluate(models: dict[str, str | Path], selection_split: str, evaluation_spl
         if unknown:
             raise ValueError(f"--trainer_states names models not in --models: {sorted(unknown)}")
         if states:
+            states = {label(name, name): state for name, state in states.items()}
             plot_training_curves(states, output_dir / "training_curves.png", "Training curves")
             written.append(output_dir / "training_curves.png")
     if model_card is not None:
