@@ -208,10 +208,8 @@ def predict_and_calibrate(name: str, trainer, splits, selection: str, evaluation
     Returns:
         `calibrate_model`'s summary.
     """
-    import numpy as np
-
     from example_utils import save_predictions
-    from qdistill_hf.evaluation import calibrate_model, choose_threshold, fit_temperature
+    from qdistill_hf.evaluation import calibrate_model
 
     logits = {}
     for split in (selection, evaluation):
@@ -219,20 +217,9 @@ def predict_and_calibrate(name: str, trainer, splits, selection: str, evaluation
         raw = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         logits[split] = raw
         save_predictions(folder, split, splits[split]["study_id"], prediction.label_ids, raw)
-    if hasattr(trainer.model, "triage_probabilities"):
-        summary = calibrate_model(trainer.model, logits[selection], splits[selection]["label"],
-                                  rule=args.threshold_rule, target=args.threshold_target, split=selection)
-    else:  # the baselines (transformers' ResNet, the probe): the same fit, stored in the same config fields
-        from evaluate_triage import softmax
-
-        labels = np.asarray(splits[selection]["label"])
-        temperature = fit_temperature(logits[selection], labels)
-        threshold, rule = choose_threshold(labels, softmax(logits[selection], temperature)[:, 1],
-                                           rule=args.threshold_rule, target=args.threshold_target, split=selection,
-                                           label_names=list(trainer.model.config.id2label.values()))
-        trainer.model.config.update(dict(calibration_temperature=float(temperature),
-                                         decision_threshold=float(threshold), decision_rule=rule))
-        summary = {"temperature": float(temperature), "threshold": float(threshold), "decision_rule": rule}
+    # The baselines (transformers' ResNet, the probe) get the same fit, stored in the same config fields.
+    summary = calibrate_model(trainer.model, logits[selection], splits[selection]["label"],
+                              rule=args.threshold_rule, target=args.threshold_target, split=selection)
     config = trainer.model.config
     logger.info(f"{name}: temperature {config.calibration_temperature:.3f}, threshold {config.decision_threshold:.3f} "
                 f"({config.decision_rule})")

@@ -89,15 +89,6 @@ def parse_args(argv=None):
 # Metrics
 
 
-def softmax(logits, temperature: float = 1.0):
-    """`softmax(logits / T)` computed exactly as the models' `triage_probabilities` do (float32 torch), so that a
-    threshold chosen here flags the same studies as the saved model's `triage_decisions`."""
-    import torch
-
-    logits = torch.as_tensor(logits).float()
-    return torch.softmax(logits / float(temperature), dim=-1).double().numpy()
-
-
 def label_names_of(folder: Path, num_labels: int) -> list[str]:
     """Class names from the folder's `config.json` (`id2label`), else the package's triage labels."""
     config_path = folder / "config.json"
@@ -127,7 +118,12 @@ def evaluate_model(name: str, folder: Path, selection_split: str, evaluation_spl
         `dict` with `metrics` (for metrics.json) and the arrays the plots need.
     """
     from example_utils import load_predictions, predictions_path
-    from qdistill_hf.evaluation import choose_threshold, compute_triage_metrics, fit_temperature
+    from qdistill_hf.evaluation import (
+        calibrated_probabilities,
+        choose_threshold,
+        compute_triage_metrics,
+        fit_temperature,
+    )
 
     selection = load_predictions(predictions_path(folder, selection_split))
     evaluation = load_predictions(predictions_path(folder, evaluation_split))
@@ -145,7 +141,7 @@ def evaluate_model(name: str, folder: Path, selection_split: str, evaluation_spl
     label_names = label_names_of(folder, num_labels)
 
     temperature = float(fit_temperature(selection["logits"], selection["labels"]))
-    selection_probs = softmax(selection["logits"], temperature)
+    selection_probs = calibrated_probabilities(selection["logits"], temperature)
     threshold, description = choose_threshold(selection["labels"], selection_probs[:, 1], rule=rule, target=target,
                                               split=selection_split, label_names=label_names)
     threshold = float(threshold)
@@ -154,8 +150,8 @@ def evaluate_model(name: str, folder: Path, selection_split: str, evaluation_spl
         logger.warning(f"{name}: {folder}/config.json has decision_threshold {stored}, the refit on "
                        f"{selection_split} gives {threshold:.6f}; the table uses the refit")
 
-    raw_probs = softmax(evaluation["logits"])
-    probs = softmax(evaluation["logits"], temperature)
+    raw_probs = calibrated_probabilities(evaluation["logits"])
+    probs = calibrated_probabilities(evaluation["logits"], temperature)
     common = dict(n_bootstrap=n_bootstrap, seed=seed, n_bins=n_bins, label_names=label_names)
     metrics = compute_triage_metrics(evaluation["labels"], probs[:, 1], threshold=threshold, **common)
     before = compute_triage_metrics(evaluation["labels"], raw_probs[:, 1], threshold=threshold, **common)

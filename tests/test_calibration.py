@@ -152,3 +152,23 @@ def test_calibrate_model_on_a_perfectly_separated_split_stores_threshold_one(cap
     assert "saturated" in caplog.text
     probabilities = model.triage_probabilities(torch.tensor(logits, dtype=torch.float32))
     assert model.triage_decisions(probabilities).tolist() == labels.tolist()
+
+
+def test_calibrate_model_of_a_baseline_uses_its_class_names_and_the_same_probabilities():
+    # A transformers ResNet has no `triage_probabilities`; it gets the same float32 computation and the same config
+    # fields, and the threshold description names its own classes.
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from qdistill_hf.evaluation import calibrate_model, calibrated_probabilities
+
+    config = ResNetConfig(embedding_size=4, hidden_sizes=[4], depths=[1], num_labels=2,
+                          id2label={0: "normal", 1: "abnormal"}, label2id={"normal": 0, "abnormal": 1})
+    model = ResNetForImageClassification(config)
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    logits = np.stack([np.zeros(20), 3.0 * (labels - 0.5) + rng.normal(size=20)], axis=1)
+    summary = calibrate_model(model, logits, labels)
+    assert "abnormal" in model.config.decision_rule and "urgent" not in model.config.decision_rule
+    probabilities = calibrated_probabilities(logits, summary["temperature"])[:, 1]
+    assert model.config.decision_threshold in set(probabilities.tolist())
+    assert (probabilities[labels == 1] >= model.config.decision_threshold).mean() >= 0.9

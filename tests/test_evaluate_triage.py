@@ -14,6 +14,8 @@ sys.path.insert(0, str(REPO_ROOT / "examples"))
 import evaluate_triage  # noqa: E402
 from example_utils import save_predictions  # noqa: E402
 
+from qdistill_hf.evaluation import calibrated_probabilities  # noqa: E402
+
 
 def write_model(folder: Path, separation: float, seed: int, n_selection: int = 80, n_evaluation: int = 120,
                 flip_evaluation: bool = False) -> None:
@@ -72,11 +74,11 @@ def test_writes_metrics_table_and_plots(models, tmp_path):
         temperature = fit_temperature(selection["logits"], selection["labels"])
         assert m["calibration_temperature"] == pytest.approx(temperature)
         assert 1.5 < temperature < 6.0  # the logits were made 3x over-confident
-        calibrated = evaluate_triage.softmax(selection["logits"], temperature)[:, 1]
+        calibrated = calibrated_probabilities(selection["logits"], temperature)[:, 1]
         threshold, _ = choose_threshold(selection["labels"], calibrated)
         assert m["threshold"] == pytest.approx(threshold)
         # Sensitivity at that threshold, counted by hand on the evaluation split.
-        p = evaluate_triage.softmax(evaluation["logits"], temperature)[:, 1]
+        p = calibrated_probabilities(evaluation["logits"], temperature)[:, 1]
         positives = evaluation["labels"] == 1
         assert m["sensitivity"] == pytest.approx(float((p[positives] >= threshold).mean()))
         assert m["n"] == 120 and m["n_selection"] == 80

@@ -8,7 +8,13 @@
 ```
 """
 
-from .calibration import calibrate_model, choose_threshold, fit_temperature, reliability_curve
+from .calibration import (
+    calibrate_model,
+    calibrated_probabilities,
+    choose_threshold,
+    fit_temperature,
+    reliability_curve,
+)
 from .metrics import bootstrap_auroc, calibration_bins, compute_triage_metrics, make_compute_metrics, softmax
 from .retrieval import recall_at_k, teacher_similarity_matrix
 
@@ -22,6 +28,7 @@ __all__ = [
     "fit_temperature",
     "choose_threshold",
     "calibrate_model",
+    "calibrated_probabilities",
     "reliability_curve",
     "recall_at_k",
     "teacher_similarity_matrix",

@@ -219,6 +219,24 @@ def reliability_curve(labels, probabilities, n_bins: int = 15) -> dict:
     }
 
 
+def calibrated_probabilities(logits, temperature: float = 1.0) -> np.ndarray:
+    """
+    `softmax(logits / temperature)` computed exactly as the models' `triage_probabilities` (float32 torch), so a
+    threshold chosen on these values flags the same studies as a saved model's `triage_decisions`.
+
+    Args:
+        logits (array-like of shape `(n, num_labels)`): triage logits.
+        temperature (`float`, *optional*, defaults to 1.0): the calibration temperature.
+
+    Returns:
+        `np.ndarray` (float64 holding the float32 values) of shape `(n, num_labels)`.
+    """
+    import torch
+
+    logits = torch.as_tensor(np.asarray(logits)).float()
+    return torch.softmax(logits / float(temperature), dim=-1).double().numpy()
+
+
 def calibrate_model(
     model,
     logits,
@@ -259,12 +277,19 @@ def calibrate_model(
         raise ValueError(f"`logits` have {logits.shape[1]} columns; the model has {model.config.num_labels} labels.")
     temperature = fit_temperature(logits, labels)
     model.config.calibration_temperature = float(temperature)
-    with torch.no_grad():
-        calibrated = model.triage_probabilities(torch.from_numpy(logits)).double().numpy()
+    if hasattr(model, "triage_probabilities"):
+        with torch.no_grad():
+            calibrated = model.triage_probabilities(torch.from_numpy(logits)).double().numpy()
+    else:  # another model (a baseline): the same computation, stored in the same config fields
+        calibrated = calibrated_probabilities(logits, temperature)
     # Kept exactly as the model computes them (float32): the threshold is one of these values, so the model's own
     # `triage_decisions` flags the same studies.
     if logits.shape[1] == 2:
-        threshold, description = choose_threshold(labels, calibrated[:, 1], rule=rule, target=target, split=split)
+        id2label = getattr(model.config, "id2label", None) or {}
+        label_names = [str(id2label[i]) for i in (0, 1)] if set(id2label) == {0, 1} else None
+        threshold, description = choose_threshold(
+            labels, calibrated[:, 1], rule=rule, target=target, split=split, label_names=label_names
+        )
         if not threshold > 0.0:
             raise ValueError(
                 f"The chosen threshold {threshold} is not > 0 (saturated probabilities on {split}): it would flag "
@@ -299,4 +324,4 @@ def calibrate_model(
     return summary
 
 
-__all__ = ["fit_temperature", "choose_threshold", "calibrate_model", "reliability_curve"]
+__all__ = ["fit_temperature", "choose_threshold", "calibrate_model", "calibrated_probabilities", "reliability_curve"]
