@@ -40,6 +40,7 @@ from qdistill_hf.utils import read_csv_rows, resolve_data_path
 
 from test_convert_chexzero import IMAGE as CKPT_IMAGE, _openai_clip_state_dict
 from test_pseudo_reports import _cli_main, _make_folder
+from tiny_models import processor_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -464,8 +465,8 @@ def test_documented_retrieval_run_with_converted_chexzero_on_non_square_films(tm
     assert convert.main(["--checkpoint", str(ckpt), "--output_dir", str(folder)]) == 0
     saved = json.loads((folder / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "QDistillImageProcessor" and saved["resize_mode"] == "pad"
-    assert QDistillImageProcessor.from_pretrained(folder).to_dict() == QDistillImageProcessor.chexzero_preset(
-        size={"height": CKPT_IMAGE, "width": CKPT_IMAGE}).to_dict()
+    assert processor_settings(QDistillImageProcessor.from_pretrained(folder)) == processor_settings(
+        QDistillImageProcessor.chexzero_preset(size={"height": CKPT_IMAGE, "width": CKPT_IMAGE}))
     assert (saved["image_mean"], saved["image_std"]) == ([CHEXZERO_MEAN] * 3, [CHEXZERO_STD] * 3)
 
     data = tmp_path / "data"

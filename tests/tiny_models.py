@@ -40,3 +40,10 @@ def report_batch(seed: int = 0):
     pixel_values = torch.randn(4, 3, 30, 30, generator=generator)
     labels = torch.tensor([0, 1, 0, 1])
     return pixel_values, input_ids, attention_mask, labels
+
+
+def processor_settings(processor) -> dict:
+    """A processor's settings without `auto_map`, which saving writes (the class is registered for its Auto class)."""
+    settings = processor.to_dict()
+    settings.pop("auto_map", None)
+    return settings
