@@ -16,6 +16,6 @@ install:
 test: install
 	$(PYTHON) -m pytest tests
 
-demo: EXTRAS = train
+demo: EXTRAS = train,eval
 demo: install
 	$(PYTHON) examples/demo.py
