@@ -9,7 +9,10 @@ Layout, by concern (each layer may import the ones above it, never a peer beside
 - `data/`: the `datasets` builder, synthetic films, the frozen-feature cache.
 - `reports/`: pseudo-report generation and the resumable sharded runner.
 - `convert/`: CheXzero (OpenAI CLIP) -> `CLIPVisionModel`.
+- `evaluation/`: triage metrics with confidence intervals, calibration and operating points, retrieval recall.
 - `training/`: training arguments, collators, the teacher and distillation Trainers, callbacks.
+- `sharing/`: stand-alone Hub folders with model cards, the `qdistill-triage` worklist CLI.
+- `deploy/`: int8 and pruned students, `torch.export`/ONNX export.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
