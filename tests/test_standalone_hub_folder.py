@@ -326,7 +326,7 @@ def test_repository_model_card_metadata_parses_and_repeats_figures_of_its_text()
     card = ModelCard.load(REPO_ROOT / "MODEL_CARD.md")
     data = card.data
     assert data.library_name == "transformers" and data.license == "mit" and data.pipeline_tag == "image-classification"
-    assert data.base_model == "openai/clip-vit-base-patch32" and data.datasets == ["synthetic"]
+    assert data.base_model == "openai/clip-vit-base-patch32" and data.datasets == ["synthetic", "cxr-paired"]
     assert "roc_auc" in data.metrics and "chest-x-ray" in data.tags
     assert {r.metric_type for r in data.eval_results} == {"roc_auc", "accuracy"}
     for result in data.eval_results:  # model-index repeats figures the card's text states, never others
@@ -334,4 +334,4 @@ def test_repository_model_card_metadata_parses_and_repeats_figures_of_its_text()
     for section in ("Model description", "How to use", "Intended use", "Out-of-scope use", "Training data",
                     "Training procedure", "Evaluation", "Bias, risks and limitations", "Compute", "Citation"):
         assert f"\n## {section}\n" in card.text, section
-    assert "<!-- REAL-DATA TABLE" in card.text and "Not for clinical use" in card.text
+    assert "**Real data, pipeline check**" in card.text and "Not for clinical use" in card.text
