@@ -253,12 +253,12 @@ def findings_text(findings) -> str:
     return ", ".join(findings or []) or "-"
 
 
-def report_recall_at_5(teacher, split, collator, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float, int]:
+def teacher_retrieval(teacher, split, collator, batch_size: int = EVAL_BATCH_SIZE) -> tuple[dict, int]:
     """
-    Image->report recall@5 of the teacher over the split's *distinct* report texts, by
+    Recall@1/5/10 of the teacher, image->report and report->image, over the split's *distinct* report texts, by
     `qdistill_hf.evaluation.teacher_similarity_matrix` (films and reports embedded separately, so the paired report
-    never shapes the image side) and `recall_at_k` (a hit is the film's own report text in the top 5; ties count
-    against it). Returns `(recall, chance = 5 / distinct, distinct)`.
+    never shapes the image side) and `recall_at_k` (a hit is the film's own report text, or for a report one of its
+    films, in the top k; ties count against it). Returns `(recall_at_k's dict with chance levels, distinct)`.
     """
     from qdistill_hf.evaluation import recall_at_k, teacher_similarity_matrix
 
@@ -270,8 +270,7 @@ def report_recall_at_5(teacher, split, collator, batch_size: int = EVAL_BATCH_SI
     texts = collator([rows[i] for i in first])
     similarity = teacher_similarity_matrix(teacher, images, texts["input_ids"], texts["attention_mask"],
                                            batch_size=batch_size)
-    recall = recall_at_k(similarity, ks=(5,), image_groups=[distinct.index(text) for text in reports])
-    return recall["image_to_text_recall@5"], recall["image_to_text_chance@5"], len(distinct)
+    return recall_at_k(similarity, ks=(1, 5, 10), image_groups=[distinct.index(text) for text in reports]), len(distinct)
 
 
 def save(trainer, processor, folder: Path) -> None:
@@ -454,9 +453,11 @@ def main(argv=None) -> int:
         f"1:2 split = {ITM_CHANCE:.4f}), AUROC {validation['eval_auroc']:.3f}"
     )
     if "image_features" in splits[selection].column_names:
-        recall, recall_chance, distinct = report_recall_at_5(teacher, splits[selection], teacher_trainer.data_collator)
-        logger.info(f"teacher {selection} image->report recall@5 over {distinct} distinct reports: {recall:.3f} "
-                    f"(chance {recall_chance:.3f})")
+        recall, distinct = teacher_retrieval(teacher, splits[selection], teacher_trainer.data_collator)
+        for direction, name in (("image_to_text", "image->report"), ("text_to_image", "report->image")):
+            logger.info(f"teacher {selection} {name} recall@1/5/10 over {distinct} distinct reports: "
+                        + ", ".join(f"{recall[f'{direction}_recall@{k}']:.3f} (chance "
+                                    f"{recall[f'{direction}_chance@{k}']:.3f})" for k in (1, 5, 10)))
     folders = {"teacher": output_dir / "teacher"}
     predict_and_calibrate("teacher", teacher_trainer, splits, selection, evaluation, folders["teacher"], args)
     save(teacher_trainer, processor, folders["teacher"])

@@ -46,7 +46,9 @@ def test_demo_runs_end_to_end_and_saves_loadable_models(tmp_path):
                 "majority class"):
         assert row in result.stdout, row
     assert "loss_itc" in result.stderr and "0.6365" in result.stderr
-    assert re.search(r"recall@5 over \d+ distinct reports: [01]\.\d{3} \(chance [01]\.\d{3}\)", result.stderr)
+    for direction in ("image->report", "report->image"):
+        assert re.search(direction + r" recall@1/5/10 over \d+ distinct reports: "
+                         + ", ".join([r"[01]\.\d{3} \(chance [01]\.\d{3}\)"] * 3), result.stderr), direction
 
     folders = ["teacher", "student_pseudo_report", "student", "student_image_only_labels_only", "baseline_resnet",
                "baseline_linear_probe"]
