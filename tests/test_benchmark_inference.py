@@ -88,7 +88,9 @@ def test_benchmark_runs_at_tiny_sizes_and_writes_the_json(bench, tmp_path, capsy
             continue
         assert r["status"] == "ok", (name, r)
         assert len(r["ms_per_batch_all"]) == 2 and r["batch_size"] == 3
-        assert r["films_per_s"] == pytest.approx(3 / r["ms_per_batch"] * 1e3, rel=1e-3)
+        # ms_per_batch is rounded to 0.001 ms: at tiny sizes (~0.4 ms a batch) that alone is up to 0.13% of it.
+        rounding = 0.0005 / r["ms_per_batch"]
+        assert r["films_per_s"] == pytest.approx(3 / r["ms_per_batch"] * 1e3, rel=1e-3 + rounding)
         assert 0 < r["single_film_ms"] <= r["single_film_ms_p90"] and r["single_film_cpu_ms"] > 0
     assert results["image_only/model/onnxruntime_int8/fp32"]["onnx_bytes"] > 0
     assert results["encoder/model/eager/fp32"]["parameters"] < results["image_only/model/eager/fp32"]["parameters"]
