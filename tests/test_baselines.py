@@ -1,17 +1,15 @@
 """examples/run_baseline.py: the ResNet, linear-probe and MLP baselines train with the stock Trainer on tiny synthetic
 data, write `predictions_<split>.npz` in dataset order, and reload with the same logits."""
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from test_example_scripts import _load, _run
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,22 +21,10 @@ TINY = ["--dataset_name", "synthetic", "--dataset_config", json.dumps(SIZES), "-
 TINY_RESNET = ["--image_size", "64", "--embedding_size", "8", "--hidden_sizes", "8", "16", "--depths", "1", "1"]
 
 
-def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture
 def run_baseline(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("run_baseline", EXAMPLES / "run_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(EXAMPLES / "run_baseline.py", "run_baseline")
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,14 @@
 duplicates, hand-computed with them), a few training steps whose loss falls on a repeated batch, and the saved
 `vision_model/` plugging into the teacher (run_teacher.py --vision_model_name_or_path) and from it the student."""
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from test_example_scripts import TINY_QFORMER, _load, _run
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,26 +20,12 @@ TINY_CLIP = ["--image_size", "64", "--vision_hidden_size", "32", "--vision_inter
              "--vision_num_hidden_layers", "1", "--vision_num_attention_heads", "2", "--text_hidden_size", "32",
              "--text_intermediate_size", "64", "--text_num_hidden_layers", "1", "--text_num_attention_heads", "2",
              "--projection_dim", "16", "--vocab_size", "300", "--tokenizer_min_frequency", "1"]
-TINY_QFORMER = ["--num_query_tokens", "4", "--num_hidden_layers", "1", "--hidden_size", "32", "--num_attention_heads",
-                "2", "--intermediate_size", "64"]
-
-
-def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
 
 
 @pytest.fixture
 def clip_script(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("run_clip_pretraining", EXAMPLES / "run_clip_pretraining.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(EXAMPLES / "run_clip_pretraining.py", "run_clip_pretraining")
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -148,12 +132,12 @@ def clip_run(tmp_path_factory):
     """16 training films in one batch of 16, 10 epochs: the same batch every step."""
     root = tmp_path_factory.mktemp("clip_pretraining")
     out = root / "clip"
-    log = _run([EXAMPLES / "run_clip_pretraining.py", *COMMON, *TINY_CLIP,
+    result = _run([EXAMPLES / "run_clip_pretraining.py", *COMMON, *TINY_CLIP,
                 "--dataset_config", '{"num_train": 16, "num_validation": 16, "num_test": 16}',
                 "--cache_dir", root / "cache", "--output_dir", out, "--num_train_epochs", "10",
                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--learning_rate", "2e-3",
                 "--warmup_steps", "0", "--lr_scheduler_type", "constant"], cwd=root)
-    return root, out, log
+    return root, out, result.stdout + result.stderr
 
 
 def test_clip_pretraining_loss_falls_on_a_repeated_batch(clip_run):

@@ -43,7 +43,9 @@ TINY_QFORMER = ["--num_query_tokens", "4", "--num_hidden_layers", "1", "--hidden
 
 
 def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The repository on PYTHONPATH too, so the scripts import this checkout's package even without an editable install.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _run(args, cwd, check=True):
